@@ -1,0 +1,44 @@
+"""Attention implementations behind `dot_product_attention`'s one entry point."""
+
+from .._spec import AttentionSpec
+from ._chunked import chunked_attention as _chunked
+from ._cudnn import cudnn_attention as cudnn_attention, cudnn_unsupported
+from ._xla import xla_attention as xla_attention, xla_probs as xla_probs
+
+IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
+
+# Measured on a 2-core AVX-512 CPU (benchmarks/attention.py): 512-key blocks run about twice
+# as fast as 128-key ones; smaller query blocks let causal attention skip more work.
+BLOCK_Q = 256
+BLOCK_K = 512
+# Below this many logits per head the one-shot reference beats the blockwise loop.
+XLA_MAX_LOGITS = 256 * 256
+
+
+def chunked_attention(q, k, v, spec: AttentionSpec, bias):
+    return _chunked(q, k, v, spec, bias, BLOCK_Q, BLOCK_K)
+
+
+def choose_implementation(
+    spec: AttentionSpec, dtype, implementation: str | None, qk_size: int, vo_size: int
+) -> str:
+    """Resolve `implementation=None` and check an explicit choice.
+
+    The automatic rule: cuDNN on a GPU whenever it supports the configuration; otherwise the
+    materialising `"xla"` reference for small problems (at most 256 x 256 logits per head),
+    where one fused softmax beats a loop; otherwise the blockwise `"chunked"` kernel.
+    """
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
+        )
+    why_not_cudnn = cudnn_unsupported(spec, dtype, qk_size, vo_size)
+    if implementation == "cudnn" and why_not_cudnn is not None:
+        raise ValueError(f"implementation='cudnn' is unavailable: {why_not_cudnn}")
+    if implementation is not None:
+        return implementation
+    if why_not_cudnn is None:
+        return "cudnn"
+    if spec.q_seq * spec.kv_seq <= XLA_MAX_LOGITS:
+        return "xla"
+    return "chunked"

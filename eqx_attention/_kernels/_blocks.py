@@ -1,0 +1,59 @@
+"""The online-softmax block step shared by the chunked kernel and ring attention."""
+
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from .._spec import AttentionSpec
+
+# Running (max, normaliser, unnormalised output) of one query block.
+Carry = tuple[Float[Array, "K G bq"], Float[Array, "K G bq"], Float[Array, "K G bq dv"]]
+
+
+def raw_logits(q: Float[Array, "K G bq d"], k: Float[Array, "K bk d"]) -> Float[Array, "K G bq bk"]:
+    return jnp.einsum("kgqd,kcd->kgqc", q, k, preferred_element_type=jnp.float32)
+
+
+def init_carry(q: Float[Array, "K G bq d"], vo_size: int) -> Carry:
+    shape = q.shape[:3]
+    return (
+        jnp.full(shape, -jnp.inf, jnp.float32),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros(shape + (vo_size,), jnp.float32),
+    )
+
+
+def block_forward(
+    carry: Carry,
+    q: Float[Array, "K G bq d"],
+    k: Float[Array, "K bk d"],
+    v: Float[Array, "K bk dv"],
+    spec: AttentionSpec,
+    q_idx: Int[Array, " bq"],
+    kv_idx: Int[Array, " bk"],
+    bias: Float[Array, "_ _ _ _"] | None,
+    visible: Bool[Array, "_ _ #bq #bk"] | None,
+) -> Carry:
+    """Fold one key/value block into the running softmax of a query block."""
+    m, denom, acc = carry
+    s = spec.scores(raw_logits(q, k), q_idx, kv_idx, bias)
+    if visible is not None:
+        s = jnp.where(visible, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    # Rows that have seen no visible key keep m = -inf; shift by 0 so exp gives exact zeros.
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_safe[..., None])
+    correction = jnp.exp(m - m_safe)
+    denom = denom * correction + jnp.sum(p, axis=-1)
+    if spec.dropout_p > 0:
+        p = jnp.where(spec.keep(q_idx, kv_idx), p / (1 - spec.dropout_p), 0.0)
+    pv = jnp.einsum("kgqc,kcd->kgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return m_new, denom, acc * correction[..., None] + pv
+
+
+def finalize(carry: Carry) -> tuple[Float[Array, "K G bq dv"], Float[Array, "K G bq"]]:
+    """Normalised output and log-sum-exp; rows with no visible key give 0 and lse = +inf."""
+    m, denom, acc = carry
+    seen = denom > 0
+    out = acc / jnp.where(seen, denom, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), jnp.inf)
+    return out, lse

@@ -1,0 +1,37 @@
+"""The readable reference: materialise the logits, softmax, multiply by V."""
+
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from .._spec import AttentionSpec
+from ._blocks import raw_logits
+
+
+def xla_probs(
+    q: Float[Array, "K G T D"], k: Float[Array, "K S D"], spec: AttentionSpec, bias
+) -> Float[Array, "K G T S"]:
+    """Attention probabilities (before dropout); rows with no visible key are all zero."""
+    q_idx = jnp.arange(spec.q_seq)
+    kv_idx = jnp.arange(spec.kv_seq)
+    s = spec.scores(raw_logits(q, k), q_idx, kv_idx, bias)
+    visible = spec.visible(q_idx, kv_idx, spec.mask)
+    if visible is not None:
+        s = jnp.where(visible, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    return p / jnp.where(denom > 0, denom, 1.0)
+
+
+def xla_attention(
+    q: Float[Array, "K G T D"],
+    k: Float[Array, "K S D"],
+    v: Float[Array, "K S Dv"],
+    spec: AttentionSpec,
+    bias,
+) -> Float[Array, "K G T Dv"]:
+    p = xla_probs(q, k, spec, bias)
+    if spec.dropout_p > 0:
+        keep = spec.keep(jnp.arange(spec.q_seq), jnp.arange(spec.kv_seq))
+        p = jnp.where(keep, p / (1 - spec.dropout_p), 0.0)
+    return jnp.einsum("kgqc,kcd->kgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)

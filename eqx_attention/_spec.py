@@ -1,0 +1,198 @@
+"""The one description of how logits become attention probabilities.
+
+Every implementation (the materialising `"xla"` reference, the blockwise `"chunked"` kernel
+and ring attention) evaluates masks, score modifications and dropout through an
+[`AttentionSpec`][] on index ranges, so they cannot drift apart. A block of queries and keys
+is described by the *row* indices of its queries (`0..q_seq-1`) and the indices of its keys
+(`0..kv_seq-1`); the spec turns those into positions, masks and keep-masks on demand, so no
+`[q_seq, kv_seq]` array exists unless the user passed one.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, UInt32
+
+# A (left, right) window: a query at position p may see keys in [p - left, p + right].
+Window = tuple[int, int]
+
+# FlexAttention-style hooks. Both receive broadcastable integer arrays: `q_pos` and `kv_pos`
+# are positions on the key axis (a query row i sits at kv_seq - q_seq + i), `head` is the
+# query head index.
+MaskMod = Callable[[Array, Array], Array]
+ScoreMod = Callable[[Array, Array, Array, Array], Array]
+
+
+class AttentionSpec(eqx.Module):
+    """Everything but q/k/v that decides the attention probabilities of one example.
+
+    Dense `bias`/`mask` arrays are stored with the heads split as `[num_kv_heads|1,
+    group|1, q_seq|1, kv_seq|1]`, matching the kernels' `[K, G, T, D]` query layout.
+    """
+
+    q_seq: int = eqx.field(static=True)
+    kv_seq: int = eqx.field(static=True)
+    num_heads: int = eqx.field(static=True)
+    num_kv_heads: int = eqx.field(static=True)
+    scale: float = eqx.field(static=True)
+    is_causal: bool = eqx.field(static=True)
+    window: Window | None = eqx.field(static=True)
+    logit_softcap: float | None = eqx.field(static=True)
+    dropout_p: float = eqx.field(static=True)
+    mask_mod: MaskMod | None = eqx.field(static=True)
+    score_mod: ScoreMod | None = eqx.field(static=True)
+    mask: Bool[Array, "_ _ _ _"] | None
+    q_length: Int[Array, ""] | None
+    kv_length: Int[Array, ""] | None
+    q_segment_ids: Int[Array, " q_seq"] | None
+    kv_segment_ids: Int[Array, " kv_seq"] | None
+    dropout_seed: UInt32[Array, "2"] | None
+
+    @property
+    def offset(self) -> int:
+        """Bottom-right alignment: query row i sits at key position `offset + i`."""
+        return self.kv_seq - self.q_seq
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def head_index(self) -> Int[Array, "K G 1 1"]:
+        return jnp.arange(self.num_heads, dtype=jnp.int32).reshape(
+            self.num_kv_heads, self.group, 1, 1
+        )
+
+    def scores(
+        self,
+        logits: Float[Array, "K G bq bk"],
+        q_idx: Int[Array, " bq"],
+        kv_idx: Int[Array, " bk"],
+        bias: Float[Array, "_ _ _ _"] | None,
+    ) -> Float[Array, "K G bq bk"]:
+        """Scaled, biased, score-modded and soft-capped logits, in that order."""
+        s = logits * self.scale
+        if bias is not None:
+            s = s + bias
+        if self.score_mod is not None:
+            q_pos = (q_idx + self.offset)[:, None]
+            s = self.score_mod(s, self.head_index, q_pos, kv_idx[None, :])
+        if self.logit_softcap is not None:
+            s = self.logit_softcap * jnp.tanh(s / self.logit_softcap)
+        return s
+
+    def visible(
+        self,
+        q_idx: Int[Array, " bq"],
+        kv_idx: Int[Array, " bk"],
+        mask: Bool[Array, "_ _ _ _"] | None,
+    ) -> Bool[Array, "_ _ #bq #bk"] | None:
+        """Which (query, key) pairs may attend, broadcastable to `[K, G, bq, bk]`.
+
+        `None` means every pair may: kernels then skip the masking work entirely.
+        """
+        q_pos = (q_idx + self.offset)[:, None]
+        kv_pos = kv_idx[None, :]
+        conds = []
+        if self.is_causal:
+            conds.append(kv_pos <= q_pos)
+        if self.window is not None:
+            left, right = self.window
+            conds += [kv_pos >= q_pos - left, kv_pos <= q_pos + right]
+        if self.q_length is not None:
+            conds.append(q_idx[:, None] < self.q_length)
+        if self.kv_length is not None:
+            conds.append(kv_pos < self.kv_length)
+        if self.q_segment_ids is not None and self.kv_segment_ids is not None:
+            q_seg = _take(self.q_segment_ids, q_idx)
+            kv_seg = _take(self.kv_segment_ids, kv_idx)
+            conds.append(q_seg[:, None] == kv_seg[None, :])
+        if self.mask_mod is not None:
+            conds.append(self.mask_mod(q_pos, kv_pos))
+        if mask is not None:
+            conds.append(mask)
+        if not conds:
+            return None
+        ok = conds[0]
+        for cond in conds[1:]:
+            ok = ok & cond
+        return jnp.broadcast_to(ok, ok.shape[:-2] + (q_idx.shape[0], kv_idx.shape[0]))[
+            (None,) * (4 - ok.ndim)
+        ]
+
+    def keep(self, q_idx: Int[Array, " bq"], kv_idx: Int[Array, " bk"]) -> Bool[Array, "K G bq bk"]:
+        """Dropout keep-mask: a counter-based hash of (seed, head, query, key).
+
+        Being a pure function of absolute indices, the mask is identical in every
+        implementation and for every block size, and the backward pass regenerates it
+        instead of storing it.
+        """
+        assert self.dropout_seed is not None
+        seed0, seed1 = self.dropout_seed[0], self.dropout_seed[1]
+        h = _mix32(q_idx.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + seed0)[:, None]
+        h = _mix32(h ^ (kv_idx.astype(jnp.uint32)[None, :] * jnp.uint32(0x85EBCA6B) + seed1))
+        h = _mix32(h[None, None] ^ (self.head_index.astype(jnp.uint32) * jnp.uint32(0xC2B2AE35)))
+        threshold = jnp.uint32(min(round(self.dropout_p * 2.0**32), 2**32 - 1))
+        return h >= threshold
+
+    def kv_block_range(self, q_start, block_q: int, block_k: int, num_kv_blocks: int):
+        """Half-open range of key blocks that queries `[q_start, q_start + block_q)` can see.
+
+        Only causal/window structure is used, so the bounds never depend on batched data and
+        stay un-batched under `jax.vmap`: skipped blocks are really skipped.
+        """
+        lo, hi = 0, num_kv_blocks
+        first = q_start + self.offset
+        last = first + block_q - 1
+        right = None
+        if self.is_causal:
+            right = 0
+        if self.window is not None:
+            right = self.window[1] if right is None else min(right, self.window[1])
+            lo = jnp.clip((first - self.window[0]) // block_k, 0, num_kv_blocks)
+        if right is not None:
+            hi = jnp.clip((last + right) // block_k + 1, 0, num_kv_blocks)
+        return lo, jnp.maximum(lo, hi)
+
+    def q_block_range(self, kv_start, block_k: int, block_q: int, num_q_blocks: int):
+        """Half-open range of query blocks that can see keys `[kv_start, kv_start + block_k)`."""
+        lo, hi = 0, num_q_blocks
+        first_kv, last_kv = kv_start, kv_start + block_k - 1
+        right = None
+        if self.is_causal:
+            right = 0
+        if self.window is not None:
+            right = self.window[1] if right is None else min(right, self.window[1])
+            # A query at position p sees key c when c >= p - left, i.e. p <= c + left.
+            hi = jnp.clip((last_kv + self.window[0] - self.offset) // block_q + 1, 0, num_q_blocks)
+        if right is not None:
+            # ...and c <= p + right, i.e. p >= c - right.
+            lo = jnp.clip((first_kv - right - self.offset) // block_q, 0, num_q_blocks)
+        return lo, jnp.maximum(lo, hi)
+
+
+def _take(ids: Int[Array, " n"], idx: Int[Array, " b"]) -> Int[Array, " b"]:
+    # Padded block positions may run past the end; they are masked elsewhere.
+    return jnp.take(ids, idx, mode="clip")
+
+
+def _mix32(x: UInt32[Array, "..."]) -> UInt32[Array, "..."]:
+    # A 32-bit integer finaliser (xorshift-multiply); good avalanche at 5 cheap ops.
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dense_block(arr: Array | None, q_start, block_q: int, kv_start, block_k: int) -> Array | None:
+    """Slice a stored `[K|1, G|1, T|1, S|1]` mask or bias to one block (size-1 axes stay)."""
+    if arr is None:
+        return None
+    if arr.shape[2] != 1:
+        arr = jax.lax.dynamic_slice_in_dim(arr, q_start, block_q, axis=2)
+    if arr.shape[3] != 1:
+        arr = jax.lax.dynamic_slice_in_dim(arr, kv_start, block_k, axis=3)
+    return arr
