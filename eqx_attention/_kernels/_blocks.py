@@ -1,5 +1,6 @@
 """The online-softmax block step shared by the chunked kernel and ring attention."""
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
@@ -48,6 +49,45 @@ def block_forward(
         p = jnp.where(spec.keep(q_idx, kv_idx), p / (1 - spec.dropout_p), 0.0)
     pv = jnp.einsum("kgqc,kcd->kgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, denom, acc * correction[..., None] + pv
+
+
+def block_backward(
+    q: Float[Array, "K G bq d"],
+    k: Float[Array, "K bk d"],
+    v: Float[Array, "K bk dv"],
+    d_out: Float[Array, "K G bq dv"],
+    lse: Float[Array, "K G bq"],
+    delta: Float[Array, "K G bq"],
+    spec: AttentionSpec,
+    q_idx: Int[Array, " bq"],
+    kv_idx: Int[Array, " bk"],
+    bias: Float[Array, "_ _ _ _"] | None,
+    visible: Bool[Array, "_ _ #bq #bk"] | None,
+):
+    """Gradients of one (query block, key block) pair, recomputed from the saved lse.
+
+    `delta = rowsum(d_out * out)`. Returns `(dq, dk, dv, dbias)` for this block; `dbias`
+    has the block's bias shape (or is `None` without a bias).
+    """
+    s, scores_vjp = jax.vjp(
+        lambda logits, b: spec.scores(logits, q_idx, kv_idx, b), raw_logits(q, k), bias
+    )
+    p = jnp.exp(s - lse[..., None])
+    if visible is not None:
+        p = jnp.where(visible, p, 0.0)
+    dp = jnp.einsum("kgqd,kcd->kgqc", d_out, v, preferred_element_type=jnp.float32)
+    p_dropped = p
+    if spec.dropout_p > 0:
+        keep = spec.keep(q_idx, kv_idx)
+        p_dropped = jnp.where(keep, p / (1 - spec.dropout_p), 0.0)
+        dp = jnp.where(keep, dp / (1 - spec.dropout_p), 0.0)
+    dv = jnp.einsum(
+        "kgqc,kgqd->kcd", p_dropped.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32
+    )
+    ds, dbias = scores_vjp(p * (dp - delta[..., None]))
+    dq = jnp.einsum("kgqc,kcd->kgqd", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("kgqc,kgqd->kcd", ds, q, preferred_element_type=jnp.float32)
+    return dq, dk, dv, dbias
 
 
 def finalize(carry: Carry) -> tuple[Float[Array, "K G bq dv"], Float[Array, "K G bq"]]:

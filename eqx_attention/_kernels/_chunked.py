@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._spec import AttentionSpec, dense_block
-from ._blocks import block_forward, finalize, init_carry, raw_logits
+from ._blocks import block_backward, block_forward, finalize, init_carry
 
 
 def chunked_attention(
@@ -148,33 +148,13 @@ def _flash_bwd(block_q, block_k, residuals, d_out):
             mask_blk = dense_block(spec.mask, q_start, block_q, kv_start, block_k)
             bias_blk = dense_block(bias, q_start, block_q, kv_start, block_k)
 
-            s, scores_vjp = jax.vjp(
-                lambda logits, b: spec.scores(logits, q_idx, kv_idx, b),
-                raw_logits(q_blk, k_blk),
-                bias_blk,
-            )
-            p = jnp.exp(s - lse_blk[..., None])
             visible = _block_visible(spec, q_idx, kv_idx, mask_blk, block_k)
-            if visible is not None:
-                p = jnp.where(visible, p, 0.0)
-            dp = jnp.einsum("kgqd,kcd->kgqc", do_blk, v_blk, preferred_element_type=jnp.float32)
-            p_dropped = p
-            if spec.dropout_p > 0:
-                keep = spec.keep(q_idx, kv_idx)
-                p_dropped = jnp.where(keep, p / (1 - spec.dropout_p), 0.0)
-                dp = jnp.where(keep, dp / (1 - spec.dropout_p), 0.0)
-            dv_blk = dv_blk + jnp.einsum(
-                "kgqc,kgqd->kcd",
-                p_dropped.astype(do_blk.dtype),
-                do_blk,
-                preferred_element_type=jnp.float32,
-            )
-            ds, dbias_blk = scores_vjp(p * (dp - delta_blk[..., None]))
-            dq_blk = jnp.einsum("kgqc,kcd->kgqd", ds, k_blk, preferred_element_type=jnp.float32)
+            dq_blk, dk_step, dv_step, dbias_blk = block_backward(
+                q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, spec, q_idx, kv_idx, bias_blk,
+                visible,
+            )  # fmt: skip
             dq = _add_slice(dq, dq_blk, q_start, axis=2)
-            dk_blk = dk_blk + jnp.einsum(
-                "kgqc,kgqd->kcd", ds, q_blk, preferred_element_type=jnp.float32
-            )
+            dk_blk, dv_blk = dk_blk + dk_step, dv_blk + dv_step
             if dbias is not None:
                 dbias = _add_dense_block(dbias, dbias_blk, q_start, kv_start)
             return dq, dbias, dk_blk, dv_blk
