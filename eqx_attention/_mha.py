@@ -1,0 +1,440 @@
+"""`MultiheadAttention`: Equinox's module on the fast core, with GQA, RoPE and KV caches."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from ._cache import Cache, KVCache, SlidingWindowKVCache, cache_mask
+from ._functional import dot_product_attention, dot_product_attention_weights
+from ._positional import RotaryPositionalEmbedding
+
+ProcessHeads = Callable[
+    [
+        Float[Array, "seq num_heads qk_size"],
+        Float[Array, "kv_seq num_kv_heads qk_size"],
+        Float[Array, "kv_seq num_kv_heads vo_size"],
+    ],
+    tuple[
+        Float[Array, "seq num_heads qk_size"],
+        Float[Array, "kv_seq num_kv_heads qk_size"],
+        Float[Array, "kv_seq num_kv_heads vo_size"],
+    ],
+]
+Mask = Bool[Array, "num_heads q_seq kv_seq"] | Bool[Array, "q_seq kv_seq"]
+Bias = Float[Array, "num_heads q_seq kv_seq"] | Float[Array, "q_seq kv_seq"]
+Output = Float[Array, "q_seq output_size"]
+Weights = Float[Array, "num_heads q_seq kv_seq"]
+
+# LayerNorm epsilon of the QK normalisation: flax's default, so converted nnx modules agree.
+_QK_NORM_EPS = 1e-6
+
+
+class MultiheadAttention(eqx.Module):
+    r"""Multi-head attention, a superset of `equinox.nn.MultiheadAttention`.
+
+    $$\text{MultiheadAttention}(Q, K, V) = \sum_i
+    \text{Attention}(QW^Q_i, KW^K_i, VW^V_i)W^O_i$$
+
+    with the same fields, parameter layout and defaults as Equinox (so
+    [`eqx_attention.MultiheadAttention.from_equinox`][] converts exactly), running on
+    [`eqx_attention.dot_product_attention`][], and adding:
+
+    - grouped-query / multi-query attention (`num_kv_heads`);
+    - `is_causal`, `local_window_size` and an additive `bias`, forwarded to the core so the
+      O(seq)-memory implementation skips masked blocks;
+    - QK normalisation (`normalize_qk`) and rotary embeddings (`rope`);
+    - KV-cache decoding: `out, cache = mha(x, cache=cache)`;
+    - `return_weights=True` for inspecting the attention probabilities.
+
+    Like every Equinox layer it acts on one example; `jax.vmap` it over a batch.
+
+    ```python
+    mha = eqx_attention.MultiheadAttention(8, 512, num_kv_heads=2,
+                                           rope=eqx_attention.RotaryPositionalEmbedding(64),
+                                           key=jax.random.key(0))
+    x = jnp.ones((128, 512))
+    y = mha(x, is_causal=True)  # self-attention: key_ and value default to query
+
+    cache = mha.init_cache(max_length=256)
+    y, cache = mha(x, cache=cache)  # prefill
+    y1, cache = mha(x[:1], cache=cache)  # one more token, at position 128
+    ```
+    """
+
+    query_proj: eqx.nn.Linear
+    key_proj: eqx.nn.Linear
+    value_proj: eqx.nn.Linear
+    output_proj: eqx.nn.Linear
+    dropout: eqx.nn.Dropout
+    query_norm: eqx.nn.LayerNorm | None
+    key_norm: eqx.nn.LayerNorm | None
+    rope: RotaryPositionalEmbedding | None
+
+    num_heads: int = eqx.field(static=True)
+    num_kv_heads: int = eqx.field(static=True)
+    query_size: int = eqx.field(static=True)
+    key_size: int = eqx.field(static=True)
+    value_size: int = eqx.field(static=True)
+    output_size: int = eqx.field(static=True)
+    qk_size: int = eqx.field(static=True)
+    vo_size: int = eqx.field(static=True)
+    use_query_bias: bool = eqx.field(static=True)
+    use_key_bias: bool = eqx.field(static=True)
+    use_value_bias: bool = eqx.field(static=True)
+    use_output_bias: bool = eqx.field(static=True)
+    normalize_qk: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        num_heads: int,
+        query_size: int,
+        key_size: int | None = None,
+        value_size: int | None = None,
+        output_size: int | None = None,
+        qk_size: int | None = None,
+        vo_size: int | None = None,
+        num_kv_heads: int | None = None,
+        use_query_bias: bool = False,
+        use_key_bias: bool = False,
+        use_value_bias: bool = False,
+        use_output_bias: bool = False,
+        dropout_p: float = 0.0,
+        normalize_qk: bool = False,
+        rope: RotaryPositionalEmbedding | None = None,
+        inference: bool = False,
+        dtype: Any = None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `num_heads`: number of query heads.
+        - `query_size`: channels of the query input.
+        - `key_size`, `value_size`: channels of the key and value inputs; default to
+          `query_size`.
+        - `output_size`: channels of the output; defaults to `query_size`.
+        - `qk_size`, `vo_size`: per-head size of queries/keys and of values; default to
+          `query_size // num_heads` (which must then divide exactly).
+        - `num_kv_heads`: number of key/value heads; defaults to `num_heads`. A divisor of
+          `num_heads` gives grouped-query attention, `1` multi-query attention.
+        - `use_query_bias`, `use_key_bias`, `use_value_bias`, `use_output_bias`: whether
+          each projection has a bias.
+        - `dropout_p`: dropout probability on the attention weights.
+        - `normalize_qk`: normalise each query and key head with a LayerNorm over `qk_size`
+          (learned scale shared by the heads, no bias, epsilon `1e-6`) before the dot
+          product, as ViT-22B and `flax.nnx.MultiHeadAttention(normalize_qk=True)` do.
+        - `rope`: optional [`eqx_attention.RotaryPositionalEmbedding`][] of size `qk_size`,
+          applied to every query and key head at its absolute position (after the QK
+          normalisation).
+        - `inference`: if `True`, dropout is off; toggled by `eqx.nn.inference_mode`
+          (through the `dropout` field) or per call.
+        - `dtype`: parameter dtype; defaults to float32 (float64 in 64-bit mode).
+        - `key`: PRNG key for the initialisation. (Keyword only.)
+        """
+        if num_heads <= 0:
+            raise ValueError(f"num_heads must be positive, got num_heads={num_heads}")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads={num_heads} must be a positive multiple of num_kv_heads={num_kv_heads}"
+            )
+        if (qk_size is None or vo_size is None) and query_size % num_heads:
+            raise ValueError(
+                f"query_size={query_size} is not divisible by num_heads={num_heads}; pass "
+                "qk_size and vo_size explicitly"
+            )
+        key_size = query_size if key_size is None else key_size
+        value_size = query_size if value_size is None else value_size
+        output_size = query_size if output_size is None else output_size
+        qk_size = query_size // num_heads if qk_size is None else qk_size
+        vo_size = query_size // num_heads if vo_size is None else vo_size
+        if rope is not None and rope.embedding_size != qk_size:
+            raise ValueError(
+                f"rope.embedding_size={rope.embedding_size} must equal qk_size={qk_size}"
+            )
+        qkey, kkey, vkey, okey = jax.random.split(key, 4)
+
+        self.query_proj = eqx.nn.Linear(
+            query_size, num_heads * qk_size, use_bias=use_query_bias, dtype=dtype, key=qkey
+        )
+        self.key_proj = eqx.nn.Linear(
+            key_size, num_kv_heads * qk_size, use_bias=use_key_bias, dtype=dtype, key=kkey
+        )
+        self.value_proj = eqx.nn.Linear(
+            value_size, num_kv_heads * vo_size, use_bias=use_value_bias, dtype=dtype, key=vkey
+        )
+        self.output_proj = eqx.nn.Linear(
+            num_heads * vo_size, output_size, use_bias=use_output_bias, dtype=dtype, key=okey
+        )
+        self.dropout = eqx.nn.Dropout(dropout_p, inference=inference)
+        if normalize_qk:
+            self.query_norm = eqx.nn.LayerNorm(
+                qk_size, eps=_QK_NORM_EPS, use_bias=False, dtype=dtype
+            )
+            self.key_norm = eqx.nn.LayerNorm(qk_size, eps=_QK_NORM_EPS, use_bias=False, dtype=dtype)
+        else:
+            self.query_norm = self.key_norm = None
+        self.rope = rope
+
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.query_size = query_size
+        self.key_size = key_size
+        self.value_size = value_size
+        self.output_size = output_size
+        self.qk_size = qk_size
+        self.vo_size = vo_size
+        self.use_query_bias = use_query_bias
+        self.use_key_bias = use_key_bias
+        self.use_value_bias = use_value_bias
+        self.use_output_bias = use_output_bias
+        self.normalize_qk = normalize_qk
+
+    def __call__(
+        self,
+        query: Float[Array, "q_seq q_size"],
+        key_: Float[Array, "kv_seq k_size"] | None = None,
+        value: Float[Array, "kv_seq v_size"] | None = None,
+        mask: Mask | None = None,
+        *,
+        bias: Bias | None = None,
+        is_causal: bool = False,
+        local_window_size: int | tuple[int, int] | None = None,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+        process_heads: ProcessHeads | None = None,
+        cache: Cache | None = None,
+        implementation: str | None = None,
+        return_weights: bool = False,
+    ) -> Output | tuple[Output, Cache] | tuple[Output, Weights] | tuple[Output, Weights, Cache]:
+        """**Arguments:**
+
+        - `query`: `(q_seq, query_size)`.
+        - `key_`: `(kv_seq, key_size)`; defaults to `query` (self-attention).
+        - `value`: `(kv_seq, value_size)`; defaults to `key_`.
+        - `mask`: optional boolean mask, `(q_seq, kv_seq)` or `(num_heads, q_seq, kv_seq)`;
+          `False` hides a pair. With a `KVCache`, `kv_seq` is the cache's `max_length`
+          (slot `p` holds position `p`).
+        - `bias`: optional float bias added to the logits, same shapes as `mask`.
+        - `is_causal`: causal attention, bottom-right aligned (query row `i` sits at key
+          position `kv_seq - q_seq + i`). Implied by `cache`.
+        - `local_window_size`: `w` or `(left, right)`: a query at position `p` sees keys in
+          `[p - left, p + right]`.
+        - `key`: PRNG key for dropout. (Keyword only, as in Equinox.)
+        - `inference`: overrides the module's `inference` for this call.
+        - `process_heads`: Equinox's hook, `process_heads(q, k, v) -> (q, k, v)` on the
+          `(seq, heads, size)` heads after QK normalisation and RoPE; `k` and `v` have
+          `num_kv_heads` heads. With a cache it sees only the new tokens.
+        - `cache`: a [`eqx_attention.KVCache`][] or [`eqx_attention.SlidingWindowKVCache`][]
+          of earlier tokens. `query` then holds the next `q_seq` tokens (a prefill or a
+          single step); `key_`/`value` must be left out; attention is causal over cached and
+          new tokens and RoPE uses their absolute positions.
+        - `implementation`: forwarded to [`eqx_attention.dot_product_attention`][].
+        - `return_weights`: also return the attention probabilities (computed separately
+          from the output, which is unchanged; dropout is not applied to them).
+
+        **Returns:**
+
+        The output, `(q_seq, output_size)`; with `return_weights=True` the tuple
+        `(output, weights)` with weights `(num_heads, q_seq, kv_seq)`; with a cache the
+        updated cache is appended: `(output, cache)` or `(output, weights, cache)`.
+        """
+        if cache is not None and (key_ is not None or value is not None):
+            raise ValueError("with a cache, key_ and value must be None (self-attention)")
+        key_ = query if key_ is None else key_
+        value = key_ if value is None else value
+        self._check_inputs(query, key_, value)
+
+        q = self._project(self.query_proj, query, self.num_heads)
+        k = self._project(self.key_proj, key_, self.num_kv_heads)
+        v = self._project(self.value_proj, value, self.num_kv_heads)
+        if self.query_norm is not None and self.key_norm is not None:
+            q = jax.vmap(jax.vmap(self.query_norm))(q)
+            k = jax.vmap(jax.vmap(self.key_norm))(k)
+        q_seq, kv_seq = q.shape[0], k.shape[0]
+        if cache is None:
+            q_positions = kv_seq - q_seq + jnp.arange(q_seq, dtype=jnp.int32)
+            k_positions = jnp.arange(kv_seq, dtype=jnp.int32)
+        else:
+            q_positions = k_positions = cache.length + jnp.arange(q_seq, dtype=jnp.int32)
+        if self.rope is not None:
+            q = _rotate(self.rope, q, q_positions)
+            k = _rotate(self.rope, k, k_positions)
+        if process_heads is not None:
+            shapes = (q.shape, k.shape, v.shape)
+            q, k, v = process_heads(q, k, v)
+            if (q.shape, k.shape, v.shape) != shapes:
+                raise ValueError(
+                    "process_heads must not change the shapes of the heads: expected "
+                    f"{shapes}, got {(q.shape, k.shape, v.shape)}"
+                )
+
+        window = _normalise_window(local_window_size)
+        if cache is not None:
+            self._check_cache_args(cache, mask, bias, window)
+            k, v, slot_positions, cache = cache.update(k, v)
+            # Causality and the window are expressed on absolute positions, since the
+            # core's bottom-right alignment refers to the buffer, not to what it holds.
+            positional = cache_mask(q_positions, slot_positions, window)
+            mask = positional if mask is None else mask & positional
+            is_causal, window = False, None
+        self._check_mask(mask, bias, q_seq, k.shape[0])
+
+        dropout_p, dropout_key = self._dropout_args(key, inference)
+        attn = dot_product_attention(
+            q,
+            k,
+            v,
+            bias,
+            mask,
+            is_causal=is_causal,
+            local_window_size=window,
+            dropout_p=dropout_p,
+            dropout_key=dropout_key,
+            implementation=implementation,
+        )
+        out = jax.vmap(self.output_proj)(attn.reshape(q_seq, self.num_heads * self.vo_size))
+        result: tuple = (out,)
+        if return_weights:
+            weights = dot_product_attention_weights(
+                q, k, bias, mask, is_causal=is_causal, local_window_size=window
+            )
+            result += (weights,)
+        if cache is not None:
+            result += (cache,)
+        return result[0] if len(result) == 1 else result
+
+    def init_cache(self, max_length: int, dtype: Any = None) -> KVCache:
+        """An empty [`eqx_attention.KVCache`][] for up to `max_length` tokens.
+
+        **Arguments:**
+
+        - `max_length`: number of tokens the cache can hold (prompt and generated).
+        - `dtype`: dtype of the cached keys and values; defaults to the parameters' dtype.
+
+        **Returns:**
+
+        A `KVCache` for one example; `jax.vmap` this method for a batch.
+        """
+        return KVCache.empty(max_length, *self._cache_shape(), self._cache_dtype(dtype))
+
+    def init_sliding_window_cache(self, window: int, dtype: Any = None) -> SlidingWindowKVCache:
+        """An empty ring-buffer [`eqx_attention.SlidingWindowKVCache`][] of `window` tokens.
+
+        Use it with calls passing `local_window_size=window` (or `(left, right)` with
+        `left <= window`): its memory is the window, and decoding may go on for ever.
+
+        **Returns:**
+
+        A `SlidingWindowKVCache` for one example.
+        """
+        return SlidingWindowKVCache.empty(window, *self._cache_shape(), self._cache_dtype(dtype))
+
+    @classmethod
+    def from_equinox(cls, module: eqx.nn.MultiheadAttention) -> "MultiheadAttention":
+        """Convert an `equinox.nn.MultiheadAttention`, sharing its parameters.
+
+        The projections and dropout are the same objects, so outputs agree with the Equinox
+        module up to float rounding (the logits are computed in a different order), except
+        for query rows that may attend to nothing: Equinox returns the mean of all values
+        there, this module zeros.
+        """
+        new = cls(
+            module.num_heads,
+            module.query_size,
+            module.key_size,
+            module.value_size,
+            module.output_size,
+            module.qk_size,
+            module.vo_size,
+            use_query_bias=module.use_query_bias,
+            use_key_bias=module.use_key_bias,
+            use_value_bias=module.use_value_bias,
+            use_output_bias=module.use_output_bias,
+            dtype=module.query_proj.weight.dtype,
+            key=jax.random.key(0),
+        )
+        return eqx.tree_at(
+            lambda m: (m.query_proj, m.key_proj, m.value_proj, m.output_proj, m.dropout),
+            new,
+            (
+                module.query_proj,
+                module.key_proj,
+                module.value_proj,
+                module.output_proj,
+                module.dropout,
+            ),
+        )
+
+    def _project(self, proj: eqx.nn.Linear, x: Array, heads: int) -> Array:
+        # Heads are a contiguous, head-major reshape of the projection, as in Equinox.
+        return jax.vmap(proj)(x).reshape(x.shape[0], heads, -1)
+
+    def _check_inputs(self, query: Array, key_: Array, value: Array):
+        for name, x, size in (
+            ("query", query, self.query_size),
+            ("key_", key_, self.key_size),
+            ("value", value, self.value_size),
+        ):
+            if x.shape[1] != size:
+                raise ValueError(f"{name} must have shape (seq, {size}), got {x.shape}")
+        if key_.shape[0] != value.shape[0]:
+            raise ValueError(
+                "key_ and value must have the same sequence length, got "
+                f"key_.shape={key_.shape} and value.shape={value.shape}"
+            )
+
+    def _check_mask(self, mask: Array | None, bias: Array | None, q_seq: int, kv_seq: int):
+        for name, x in (("mask", mask), ("bias", bias)):
+            if x is not None and x.shape not in {
+                (q_seq, kv_seq),
+                (self.num_heads, q_seq, kv_seq),
+            }:
+                raise ValueError(
+                    f"{name} must have shape (q_seq, kv_seq)={(q_seq, kv_seq)} or "
+                    f"(num_heads, q_seq, kv_seq)={(self.num_heads, q_seq, kv_seq)}, "
+                    f"got {x.shape}"
+                )
+
+    def _check_cache_args(self, cache: Cache, mask, bias, window):
+        if isinstance(cache, SlidingWindowKVCache):
+            if window is None or window[0] > cache.window:
+                raise ValueError(
+                    f"a SlidingWindowKVCache of window={cache.window} needs "
+                    f"local_window_size with a left window <= {cache.window}, got "
+                    f"local_window_size={window}"
+                )
+            if mask is not None or bias is not None:
+                raise ValueError("mask and bias are not supported with a SlidingWindowKVCache")
+
+    def _dropout_args(self, key: PRNGKeyArray | None, inference: bool | None):
+        inference = self.dropout.inference if inference is None else inference
+        p = self.dropout.p
+        if inference or (isinstance(p, int | float) and p == 0):
+            return 0.0, None
+        if key is None:
+            raise ValueError(
+                f"dropout_p={p} needs a PRNG `key` when not in inference mode; pass key=... "
+                "or inference=True"
+            )
+        return p, key
+
+    def _cache_shape(self) -> tuple[int, int, int]:
+        return self.num_kv_heads, self.qk_size, self.vo_size
+
+    def _cache_dtype(self, dtype: Any):
+        return self.key_proj.weight.dtype if dtype is None else dtype
+
+
+def _rotate(rope: RotaryPositionalEmbedding, heads: Array, positions: Array) -> Array:
+    return jax.vmap(lambda h: rope(h, positions=positions), in_axes=1, out_axes=1)(heads)
+
+
+def _normalise_window(local_window_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+    if local_window_size is None or isinstance(local_window_size, tuple):
+        return local_window_size
+    return local_window_size, local_window_size
