@@ -1,0 +1,475 @@
+"""Sequence-parallel (ring) attention over a named mesh axis, on JAX's own SPMD machinery.
+
+Inside `jax.shard_map`, every device holds one slice of the sequence. Each device keeps its
+queries and passes its key/value slice around the ring with `jax.lax.ppermute`; after
+`n - 1` hops every query has met every key. Each visit is folded into the running softmax
+with the chunked kernel's block step ([`_blocks.block_forward`]), so the arithmetic, masks
+and dropout are exactly those of the single-device kernels. The backward pass rings too: the
+key/value gradients travel with their key/value slice and arrive home after a last hop.
+
+Positions are global: a device's rows and keys are described by their indices in the whole
+(unsharded) sequence, and the shared [`AttentionSpec`][] turns those into masks. Layouts
+other than contiguous slices (the load-balanced zig-zag) are therefore only a different
+index map.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Hashable
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._functional import Length, _prepare
+from ._kernels import BLOCK_K, BLOCK_Q
+from ._kernels._blocks import block_backward, block_forward, finalize, init_carry
+from ._spec import AttentionSpec, MaskMod, ScoreMod
+
+LAYOUTS = ("contiguous", "zigzag")
+Layout = Literal["contiguous", "zigzag"]
+
+
+def ring_attention(
+    query: Float[Array, "q_seq num_heads qk_size"],
+    key: Float[Array, "kv_seq num_kv_heads qk_size"],
+    value: Float[Array, "kv_seq num_kv_heads vo_size"],
+    *,
+    axis_name: Hashable,
+    is_causal: bool = False,
+    layout: Layout = "contiguous",
+    scale: float | int | None = None,
+    query_seq_length: Length | None = None,
+    key_value_seq_length: Length | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    query_segment_ids: Int[Array, " q_seq"] | None = None,
+    kv_segment_ids: Int[Array, " kv_seq"] | None = None,
+    logit_softcap: float | int | None = None,
+    mask_mod: MaskMod | None = None,
+    score_mod: ScoreMod | None = None,
+    dropout_p: float | int = 0.0,
+    dropout_key: PRNGKeyArray | None = None,
+    block_sizes: tuple[int, int] | None = None,
+) -> Float[Array, "q_seq num_heads vo_size"]:
+    """Sequence-parallel attention of one example whose sequence is sharded over a mesh axis.
+
+    Call it inside `jax.shard_map` (or anything else that binds `axis_name`, such as a named
+    `jax.vmap`), on the *local* slices of one example: the sequence axis of `query`, `key`,
+    `value` and the segment ids is split over the `n` devices of `axis_name`. Batch with
+    `jax.vmap` inside the `shard_map`, or shard the batch over another mesh axis. The result
+    equals [`eqx_attention.dot_product_attention`][] on the whole sequence, sliced the same
+    way, and so do its gradients.
+
+    Key/value slices travel around the ring with `jax.lax.ppermute`, one hop per step, and
+    are folded into an online softmax; the backward pass is a `jax.custom_vjp` that rings
+    again, carrying the key/value gradients with their slice. No device ever holds more than
+    its own slice plus one visiting slice, so memory per device is O(seq / n) (the logits are
+    computed in `block_sizes` tiles). Blocks that causal or window structure hides entirely
+    are skipped, not computed and masked.
+
+    ```python
+    mesh = jax.make_mesh((4,), ("seq",))
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=P("seq"), out_specs=P("seq"))
+    def attend(q, k, v):
+        return eqx_attention.ring_attention(q, k, v, axis_name="seq", is_causal=True)
+
+    out = attend(q, k, v)  # q: (seq, num_heads, qk_size), split over 4 devices
+    ```
+
+    **Load balancing.** With `is_causal=True` and contiguous slices, device `i` has work on
+    `i + 1` of the `n` ring steps, but the ring advances in lockstep, so every step costs as
+    much as a full block and causality saves no time. `layout="zigzag"` fixes this: cut the
+    sequence into `2n` chunks and give device `i` chunks `i` and `2n - 1 - i`; then on every
+    step every device has exactly half a block of visible work, about twice as fast overall.
+    Reorder the sequence into that layout with [`eqx_attention.to_zigzag`][] before sharding
+    (once, e.g. on token ids and targets in the data pipeline; everything but attention is
+    position-wise) and restore it with [`eqx_attention.from_zigzag`][]. Position-dependent
+    layers such as rotary embeddings must then be given the reordered positions,
+    [`eqx_attention.zigzag_indices`][]. Masks, windows and segment ids always refer to the
+    original positions; `ring_attention` handles the reordering.
+
+    **Arguments:**
+
+    - `query`: this device's slice, `(q_seq, num_heads, qk_size)`; the whole query sequence
+      is `n * q_seq` long.
+    - `key`, `value`: this device's slices, `(kv_seq, num_kv_heads, qk_size | vo_size)`. GQA
+      and MQA work as in `dot_product_attention`.
+    - `axis_name`: the mesh axis the sequence is split over.
+    - `is_causal`: causal attention over the whole sequence (bottom-right aligned, as in
+      `dot_product_attention`, if the query and key sequences differ in length).
+    - `layout`: `"contiguous"` (device `i` holds the `i`-th slice) or `"zigzag"` (see above;
+      needs an even `q_seq` and `kv_seq`).
+    - `scale`, `query_seq_length`, `key_value_seq_length`, `local_window_size`,
+      `logit_softcap`, `mask_mod`, `score_mod`, `dropout_p`, `dropout_key`: as in
+      `dot_product_attention`, with lengths and positions referring to the whole sequence.
+      The same `dropout_key` must be given on every device.
+    - `query_segment_ids`, `kv_segment_ids`: this device's slices of the segment ids.
+    - `block_sizes`: `(block_q, block_k)` tile of the logits computed at once on a device;
+      defaults to the chunked kernel's tiles.
+
+    Dense `bias` and `mask` arrays are not supported: they would be `(seq, seq)`, which is
+    what sequence parallelism avoids; express masks with the options above.
+
+    **Returns:**
+
+    This device's slice of the output, `(q_seq, num_heads, vo_size)`, with the dtype of
+    `value`.
+    """
+    try:
+        num_devices = jax.lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"ring_attention(axis_name={axis_name!r}) must be called inside jax.shard_map "
+            f"(or a named jax.vmap) that binds the axis {axis_name!r}, but no such axis is bound"
+        ) from None
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got layout={layout!r}")
+    chunks = 2 if layout == "zigzag" else 1
+    for name, length in (("query", query.shape[0]), ("key", key.shape[0])):
+        if length % chunks:
+            raise ValueError(
+                f"layout='zigzag' needs an even local sequence length, got {name}.shape[0]={length}"
+            )
+    block_q, block_k = (BLOCK_Q, BLOCK_K) if block_sizes is None else block_sizes
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block_sizes must be positive, got block_sizes={(block_q, block_k)}")
+    spec, q, k, v, _ = _prepare(
+        query, key, value, None, None, scale, is_causal, query_seq_length,
+        key_value_seq_length, local_window_size, query_segment_ids, kv_segment_ids,
+        logit_softcap, mask_mod, score_mod, dropout_p, dropout_key,
+    )  # fmt: skip
+    # The spec describes the whole sequence; segment ids are only ever held in slices, so
+    # they are compared block by block here and passed to the spec as a block mask instead.
+    spec = dataclasses.replace(
+        spec,
+        q_seq=num_devices * spec.q_seq,
+        kv_seq=num_devices * spec.kv_seq,
+        q_segment_ids=None,
+        kv_segment_ids=None,
+    )
+    config = _Config(axis_name, num_devices, chunks, block_q, block_k)
+    out = _ring(q, k, v, query_segment_ids, kv_segment_ids, spec, config)
+    num_kv_heads, group, q_seq, vo_size = out.shape
+    out = jnp.transpose(out, (2, 0, 1, 3)).reshape(q_seq, num_kv_heads * group, vo_size)
+    return out.astype(value.dtype)
+
+
+def zigzag_indices(seq_len: int, num_shards: int) -> Int[np.ndarray, " {seq_len}"]:
+    """Original positions of the sequence in the load-balanced zig-zag order.
+
+    The sequence is cut into `2 * num_shards` equal chunks and shard `i` gets chunks `i` and
+    `2 * num_shards - 1 - i`, so that under causal attention every shard has the same work.
+    Use the result as the positions of rotary or learned position embeddings of a reordered
+    sequence.
+
+    **Arguments:**
+
+    - `seq_len`: length of the whole sequence; a multiple of `2 * num_shards`.
+    - `num_shards`: number of devices the sequence will be split over.
+
+    **Returns:**
+
+    Int array `idx` of shape `(seq_len,)`: element `j` of the reordered sequence is element
+    `idx[j]` of the original one.
+    """
+    if num_shards < 1 or seq_len % (2 * num_shards):
+        raise ValueError(
+            f"seq_len={seq_len} must be a positive multiple of 2 * num_shards = "
+            f"{2 * num_shards} for the zig-zag layout"
+        )
+    chunk = seq_len // (2 * num_shards)
+    order = [(i, 2 * num_shards - 1 - i) for i in range(num_shards)]
+    starts = np.array(order).reshape(-1) * chunk
+    return (starts[:, None] + np.arange(chunk)[None, :]).reshape(-1).astype(np.int32)
+
+
+def to_zigzag(x: Array, num_shards: int, *, axis: int = 0) -> Array:
+    """Reorder the sequence axis of `x` into the zig-zag layout of `ring_attention`.
+
+    Apply it to the whole sequence before sharding it over `num_shards` devices (see
+    [`eqx_attention.ring_attention`][]); [`eqx_attention.from_zigzag`][] undoes it.
+
+    **Arguments:**
+
+    - `x`: array whose axis `axis` is the sequence, of a length divisible by `2 * num_shards`.
+    - `num_shards`: number of devices the sequence will be split over.
+    - `axis`: the sequence axis.
+
+    **Returns:**
+
+    `x` with its sequence axis reordered.
+    """
+    return jnp.take(x, zigzag_indices(x.shape[axis], num_shards), axis=axis)
+
+
+def from_zigzag(x: Array, num_shards: int, *, axis: int = 0) -> Array:
+    """Undo [`eqx_attention.to_zigzag`][]: restore the original order of the sequence axis.
+
+    **Arguments:**
+
+    - `x`: array in zig-zag order along `axis`.
+    - `num_shards`: the number of shards it was reordered for.
+    - `axis`: the sequence axis.
+
+    **Returns:**
+
+    `x` in the original order.
+    """
+    inverse = np.argsort(zigzag_indices(x.shape[axis], num_shards))
+    return jnp.take(x, inverse, axis=axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static description of the ring: hashable, so it can be a `custom_vjp` nondiff arg."""
+
+    axis_name: Hashable
+    num_devices: int
+    chunks: int  # contiguous slices per device: 1 (contiguous) or 2 (zig-zag)
+    block_q: int
+    block_k: int
+
+    def perm(self):
+        return [(i, (i + 1) % self.num_devices) for i in range(self.num_devices)]
+
+
+class _Tiles:
+    """One device's slice cut into tiles of `block` rows, with the global index of each row.
+
+    Each of the `chunks` contiguous runs of the slice is padded separately to whole tiles,
+    so no tile straddles two runs and tile bounds stay tight for block skipping. Padding rows
+    repeat the run's last index (keeping the bounds) and are marked invalid.
+    """
+
+    def __init__(self, length: int, block: int, chunks: int):
+        run = length // chunks
+        self.num_tiles_per_run = -(-run // block)
+        self.block = -(-run // self.num_tiles_per_run)
+        self.run, self.chunks = run, chunks
+        self.pad = self.num_tiles_per_run * self.block - run
+        self.num_tiles = chunks * self.num_tiles_per_run
+        valid = np.arange(self.num_tiles_per_run * self.block) < run
+        self.valid = np.tile(valid, chunks).reshape(self.num_tiles, self.block)
+
+    def split(self, x: Array, axis: int, mode: str = "constant") -> Array:
+        """`(..., length, ...)` -> `(num_tiles, ..., block, ...)`."""
+        shape = x.shape[:axis] + (self.chunks, self.run) + x.shape[axis + 1 :]
+        x = x.reshape(shape)
+        if self.pad:
+            widths = [(0, 0)] * x.ndim
+            widths[axis + 1] = (0, self.pad)
+            x = jnp.pad(x, widths, mode=mode)
+        shape = x.shape[:axis] + (self.num_tiles, self.block) + x.shape[axis + 2 :]
+        return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+    def merge(self, x: Array, axis: int) -> Array:
+        """Inverse of `split`, dropping the padding."""
+        x = jnp.moveaxis(x, 0, axis)
+        shape = x.shape[:axis] + (self.chunks, -1) + x.shape[axis + 2 :]
+        x = jax.lax.slice_in_dim(x.reshape(shape), 0, self.run, axis=axis + 1)
+        return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
+
+    def valid_tiles(self) -> Array | None:
+        """Which rows of each tile are real (`None` when there is no padding)."""
+        return jnp.asarray(self.valid) if self.pad else None
+
+    def indices(self, device, num_devices: int) -> Int[Array, "tiles block"]:
+        """Global indices of the rows held by `device`, tiled (a traced device index is fine)."""
+        if self.chunks == 1:
+            starts = jnp.stack([device * self.run])
+        else:
+            starts = jnp.stack([device, 2 * num_devices - 1 - device]) * self.run
+        idx = starts[:, None] + jnp.arange(self.run)[None, :]
+        return self.split(idx.reshape(-1).astype(jnp.int32), 0, mode="edge")
+
+
+def _hidden(spec: AttentionSpec, q_idx, kv_idx):
+    """Whether causal/window structure hides every pair of a tile, or `None` if it cannot.
+
+    Uses only the tile's index bounds, which come from the device index and never from
+    data, so the decision stays un-batched under `jax.vmap` and the skip is real.
+    """
+    right = 0 if spec.is_causal else None
+    if spec.window is not None:
+        right = spec.window[1] if right is None else min(right, spec.window[1])
+    if right is None and spec.window is None:
+        return None
+    q_first, q_last = jnp.min(q_idx) + spec.offset, jnp.max(q_idx) + spec.offset
+    kv_first, kv_last = jnp.min(kv_idx), jnp.max(kv_idx)
+    hidden = kv_first > q_last + right
+    if spec.window is not None:
+        hidden = hidden | (kv_last < q_first - spec.window[0])
+    return hidden
+
+
+def _tile_mask(q_seg, kv_seg, kv_valid):
+    """Block mask for `spec.visible`: same segment, and not a padding key."""
+    mask = None
+    if q_seg is not None:
+        mask = q_seg[:, None] == kv_seg[None, :]
+    if kv_valid is not None:
+        valid = kv_valid[None, :]
+        mask = valid if mask is None else mask & valid
+    return None if mask is None else mask[None, None]
+
+
+def _skip_or(hidden, compute, operand):
+    """`compute(operand)` unless the tile is hidden, in which case `operand` is unchanged."""
+    if hidden is None:
+        return compute(operand)
+    return jax.lax.cond(hidden, lambda x: x, compute, operand)
+
+
+def _vary(tree, axes):
+    """Mark fresh accumulators as varying over the same mesh axes as the inputs.
+
+    `shard_map` type-checks loop carries; zeros created inside it are device-invariant
+    until cast.
+    """
+
+    def cast(x):
+        missing = tuple(a for a in axes if a not in _varying_axes(x))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(cast, tree)
+
+
+def _vma(*xs):
+    axes = set()
+    for x in jax.tree.leaves(xs):
+        axes |= set(_varying_axes(x))
+    return tuple(sorted(axes, key=str))
+
+
+def _varying_axes(x) -> frozenset:
+    # The manual axes a value varies over: `aval.mat.varying` since jax 0.9, `aval.vma` before.
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    return mat.varying if mat is not None else getattr(aval, "vma", frozenset())
+
+
+def _fold(carry, q_tiles, q_idx, q_seg, k, v, kv_idx, kv_seg, spec, tq: _Tiles, tk: _Tiles):
+    """Fold one visiting key/value slice into the running softmax of every query tile."""
+
+    kv_valid = tk.valid_tiles()
+
+    def one_query_tile(args):
+        carry, q_blk, qi, qs = args
+
+        def step(j, carry):
+            kvs = None if kv_seg is None else kv_seg[j]
+            valid = None if kv_valid is None else kv_valid[j]
+
+            def compute(carry):
+                visible = spec.visible(qi, kv_idx[j], _tile_mask(qs, kvs, valid))
+                return block_forward(carry, q_blk, k[j], v[j], spec, qi, kv_idx[j], None, visible)
+
+            return _skip_or(_hidden(spec, qi, kv_idx[j]), compute, carry)
+
+        return jax.lax.fori_loop(0, tk.num_tiles, step, carry)
+
+    return jax.lax.map(one_query_tile, (carry, q_tiles, q_idx, q_seg))
+
+
+def _forward(q, k, v, q_seg, kv_seg, spec: AttentionSpec, config: _Config):
+    axis, n = config.axis_name, config.num_devices
+    me = jax.lax.axis_index(axis)
+    tq = _Tiles(q.shape[2], config.block_q, config.chunks)
+    tk = _Tiles(k.shape[1], config.block_k, config.chunks)
+    q_tiles, q_idx = tq.split(q, 2), tq.indices(me, n)
+    q_seg = None if q_seg is None else tq.split(q_seg, 0, mode="edge")
+    kv = (tk.split(k, 1), tk.split(v, 1), None if kv_seg is None else tk.split(kv_seg, 0))
+    carry = jax.vmap(lambda q_blk: init_carry(q_blk, v.shape[-1]))(q_tiles)
+    carry = _vary(carry, _vma(q, k, v))
+
+    def fold(s, carry, kv):
+        kv_idx = tk.indices((me - s) % n, n)
+        return _fold(carry, q_tiles, q_idx, q_seg, *kv[:2], kv_idx, kv[2], spec, tq, tk)
+
+    def ring_step(s, state):
+        carry, kv = state
+        # Send the slice on before using it so the transfer can overlap the compute.
+        visiting = jax.lax.ppermute(kv, axis, config.perm())
+        return fold(s, carry, kv), visiting
+
+    carry, kv = jax.lax.fori_loop(0, n - 1, ring_step, (carry, kv))
+    out, lse = jax.vmap(finalize)(fold(n - 1, carry, kv))
+    return tq.merge(out, 2).astype(v.dtype), tq.merge(lse, 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _ring(q, k, v, q_seg, kv_seg, spec, config):
+    return _forward(q, k, v, q_seg, kv_seg, spec, config)[0]
+
+
+def _ring_fwd(q, k, v, q_seg, kv_seg, spec, config):
+    out, lse = _forward(q, k, v, q_seg, kv_seg, spec, config)
+    return out, (q, k, v, q_seg, kv_seg, spec, out, lse)
+
+
+def _ring_bwd(config: _Config, residuals, d_out):
+    q, k, v, q_seg, kv_seg, spec, out, lse = residuals
+    axis, n = config.axis_name, config.num_devices
+    me = jax.lax.axis_index(axis)
+    tq = _Tiles(q.shape[2], config.block_q, config.chunks)
+    tk = _Tiles(k.shape[1], config.block_k, config.chunks)
+    d_out = d_out.astype(jnp.float32)
+    delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)
+    # Padding query rows get a zero output gradient, so they contribute nothing below.
+    q_tiles, do_tiles = tq.split(q, 2), tq.split(d_out, 2)
+    lse_tiles, delta_tiles = tq.split(lse, 2, mode="edge"), tq.split(delta, 2)
+    q_idx = tq.indices(me, n)
+    q_seg = None if q_seg is None else tq.split(q_seg, 0, mode="edge")
+    kv = (tk.split(k, 1), tk.split(v, 1), None if kv_seg is None else tk.split(kv_seg, 0))
+    axes = _vma(q, k, v, d_out)
+    dq = _vary(jnp.zeros(q_tiles.shape, jnp.float32), axes)
+    dkv = _vary((jnp.zeros(kv[0].shape, jnp.float32), jnp.zeros(kv[1].shape, jnp.float32)), axes)
+
+    def grads(s, dq, kv):
+        """dq contributions from a visiting slice, and that slice's dk, dv from our queries."""
+        kv_idx = tk.indices((me - s) % n, n)
+
+        def one_kv_tile(dq, xs):
+            k_blk, v_blk, kvi, kvs, valid = xs
+
+            def step(i, acc):
+                def compute(acc):
+                    dq, dk, dv = acc
+                    qs = None if q_seg is None else q_seg[i]
+                    visible = spec.visible(q_idx[i], kvi, _tile_mask(qs, kvs, valid))
+                    dq_i, dk_i, dv_i, _ = block_backward(
+                        q_tiles[i], k_blk, v_blk, do_tiles[i], lse_tiles[i], delta_tiles[i],
+                        spec, q_idx[i], kvi, None, visible,
+                    )  # fmt: skip
+                    return dq.at[i].add(dq_i), dk + dk_i, dv + dv_i
+
+                return _skip_or(_hidden(spec, q_idx[i], kvi), compute, acc)
+
+            zeros = (jnp.zeros(k_blk.shape, jnp.float32), jnp.zeros(v_blk.shape, jnp.float32))
+            zeros = _vary(zeros, axes)
+            dq, dk, dv = jax.lax.fori_loop(0, tq.num_tiles, step, (dq, *zeros))
+            return dq, (dk, dv)
+
+        return jax.lax.scan(one_kv_tile, dq, (*kv[:2], kv_idx, kv[2], tk.valid_tiles()))
+
+    def ring_step(s, state):
+        dq, kv, dkv = state
+        visiting = jax.lax.ppermute(kv, axis, config.perm())
+        dq, (dk, dv) = grads(s, dq, kv)
+        # The gradients travel with their slice: they arrive home one hop after the last use.
+        dkv = jax.lax.ppermute((dkv[0] + dk, dkv[1] + dv), axis, config.perm())
+        return dq, visiting, dkv
+
+    dq, kv, dkv = jax.lax.fori_loop(0, n - 1, ring_step, (dq, kv, dkv))
+    dq, (dk, dv) = grads(n - 1, dq, kv)
+    dk, dv = jax.lax.ppermute((dkv[0] + dk, dkv[1] + dv), axis, config.perm())
+    dq = tq.merge(dq, 2).astype(q.dtype)
+    dk, dv = tk.merge(dk, 1).astype(k.dtype), tk.merge(dv, 1).astype(v.dtype)
+    none = jax.tree.map(lambda _: None, (q_seg, kv_seg, spec))
+    return (dq, dk, dv, *none)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
