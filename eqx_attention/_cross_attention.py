@@ -1,0 +1,285 @@
+"""flax-extra's attention layers as configurations of `MultiheadAttention`, and `attend`."""
+
+from typing import Any, Literal
+
+import equinox as eqx
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from ._functional import dot_product_attention
+from ._mha import MultiheadAttention
+
+Mask = Bool[Array, "q_seq kv_seq"] | Bool[Array, "num_heads q_seq kv_seq"]
+Weights = Float[Array, "num_heads q_seq kv_seq"]
+
+
+def attend(
+    query: Float[Array, "q_seq num_heads qk_size"],
+    key: Float[Array, "kv_seq num_heads qk_size"],
+    value: Float[Array, "kv_seq num_heads v_size"],
+    mask: Mask | None = None,
+    *,
+    dropout_p: float = 0.0,
+    key_: PRNGKeyArray | None = None,
+    inference: bool = False,
+) -> Float[Array, "q_seq num_heads*v_size"]:
+    """Multi-head scaled dot-product attention with the heads concatenated, as flax-extra's
+    `attend` (one example; `jax.vmap` over a batch).
+
+    It is [`eqx_attention.dot_product_attention`][] followed by a reshape, so it runs on the
+    fast core. A query row whose mask is all `False` outputs zeros.
+
+    **Arguments:**
+
+    - `query`: `(q_seq, num_heads, qk_size)`.
+    - `key`: `(kv_seq, num_heads, qk_size)`.
+    - `value`: `(kv_seq, num_heads, v_size)`.
+    - `mask`: optional boolean mask `(q_seq, kv_seq)` or `(num_heads, q_seq, kv_seq)`;
+      `False` hides a pair. See [`eqx_attention.cross_attention_mask`][].
+    - `dropout_p`: dropout probability on the attention weights.
+    - `key_`: PRNG key for dropout; required when `dropout_p > 0` and not `inference`.
+    - `inference`: turn dropout off.
+
+    **Returns:**
+
+    Array of shape `(q_seq, num_heads * v_size)`.
+    """
+    out = dot_product_attention(
+        query,
+        key,
+        value,
+        mask=mask,
+        dropout_p=0.0 if inference else dropout_p,
+        dropout_key=None if inference else key_,
+    )
+    return out.reshape(out.shape[0], -1)
+
+
+def _multihead(
+    num_heads: int,
+    query_size: int,
+    kv_size: int,
+    qk_channels: int,
+    v_channels: int,
+    output_size: int,
+    use_bias: bool,
+    dropout_p: float,
+    inference: bool,
+    dtype: Any,
+    key: PRNGKeyArray,
+) -> MultiheadAttention:
+    """A `MultiheadAttention` from flax-extra's total (all-heads) widths."""
+    for name, channels in (("qk_channels", qk_channels), ("v_channels", v_channels)):
+        if channels % num_heads:
+            raise ValueError(f"{name}={channels} is not divisible by num_heads={num_heads}")
+    return MultiheadAttention(
+        num_heads,
+        query_size,
+        key_size=kv_size,
+        value_size=kv_size,
+        output_size=output_size,
+        qk_size=qk_channels // num_heads,
+        vo_size=v_channels // num_heads,
+        use_query_bias=use_bias,
+        use_key_bias=use_bias,
+        use_value_bias=use_bias,
+        use_output_bias=use_bias,
+        dropout_p=dropout_p,
+        inference=inference,
+        dtype=dtype,
+        key=key,
+    )
+
+
+class CrossAttention(eqx.Module):
+    """Multi-head attention from a query sequence to a key/value sequence, with flax-extra's
+    and Perceiver IO's default widths.
+
+    A thin configuration of [`eqx_attention.MultiheadAttention`][] (field `attention`);
+    widths are totals over all heads, as in flax-extra and DeepMind's Perceiver:
+
+    - `shape_for_attn="q"` (flax-extra's `QKVAttention`): queries and keys have
+      `qk_channels = query_size` channels, values `v_channels = qk_channels`, and the output
+      `v_channels`.
+    - `shape_for_attn="kv"` (flax-extra's `KVQAttention`, the Perceiver encoder's
+      latents-to-inputs attention): `qk_channels = kv_size`, `v_channels = qk_channels`, and
+      the output has `query_size` channels, so it can be added back to the query.
+
+    ```python
+    attn = CrossAttention(1, 64, 19, shape_for_attn="kv", key=jax.random.key(0))
+    attn(jnp.ones((16, 64)), jnp.ones((100, 19))).shape   # (16, 64)
+    ```
+    """
+
+    attention: MultiheadAttention
+
+    def __init__(
+        self,
+        num_heads: int,
+        query_size: int,
+        kv_size: int,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        output_size: int | None = None,
+        shape_for_attn: Literal["q", "kv"] = "q",
+        use_bias: bool = True,
+        dropout_p: float = 0.0,
+        inference: bool = False,
+        dtype: Any = None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `num_heads`: number of attention heads.
+        - `query_size`: channels of the query input.
+        - `kv_size`: channels of the key/value input.
+        - `qk_channels`: total query/key width over all heads; defaults to `query_size`
+          (`shape_for_attn="q"`) or `kv_size` (`"kv"`). Must divide by `num_heads`.
+        - `v_channels`: total value width; defaults to `qk_channels`.
+        - `output_size`: output channels; defaults to `v_channels` (`"q"`) or `query_size`
+          (`"kv"`).
+        - `shape_for_attn`: which input the default widths follow, `"q"` or `"kv"`.
+        - `use_bias`: biases on all four projections.
+        - `dropout_p`: dropout probability on the attention weights.
+        - `inference`: if `True`, no dropout (see `eqx.nn.inference_mode`).
+        - `dtype`: parameter dtype; defaults to the default float dtype.
+        - `key`: PRNG key for the initialisation.
+        """
+        if shape_for_attn not in ("q", "kv"):
+            raise ValueError(f"shape_for_attn must be 'q' or 'kv', got {shape_for_attn!r}")
+        if qk_channels is None:
+            qk_channels = query_size if shape_for_attn == "q" else kv_size
+        if v_channels is None:
+            v_channels = qk_channels
+        if output_size is None:
+            output_size = v_channels if shape_for_attn == "q" else query_size
+        self.attention = _multihead(
+            num_heads, query_size, kv_size, qk_channels, v_channels, output_size,
+            use_bias, dropout_p, inference, dtype, key,
+        )  # fmt: skip
+
+    def __call__(
+        self,
+        query: Float[Array, "q_seq query_size"],
+        kv: Float[Array, "kv_seq kv_size"],
+        mask: Mask | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+        implementation: str | None = None,
+        return_weights: bool = False,
+    ) -> Float[Array, "q_seq output_size"] | tuple[Float[Array, "q_seq output_size"], Weights]:
+        """**Arguments:**
+
+        - `query`: `(q_seq, query_size)`.
+        - `kv`: the sequence attended to, `(kv_seq, kv_size)`; it gives keys and values.
+        - `mask`: optional boolean `(q_seq, kv_seq)` or `(num_heads, q_seq, kv_seq)`; `False`
+          hides a pair, and a query that sees nothing gets the output projection of zeros.
+        - `key`: PRNG key for dropout.
+        - `inference`: overrides the module's `inference`.
+        - `implementation`: forwarded to [`eqx_attention.dot_product_attention`][].
+        - `return_weights`: also return the `(num_heads, q_seq, kv_seq)` attention weights.
+
+        **Returns:**
+
+        `(q_seq, output_size)`, or `(output, weights)` with `return_weights=True`.
+        """
+        return self.attention(
+            query,
+            kv,
+            kv,
+            mask,
+            key=key,
+            inference=inference,
+            implementation=implementation,
+            return_weights=return_weights,
+        )
+
+
+class SelfAttention(eqx.Module):
+    """Multi-head self-attention with flax-extra's default widths: `qk_channels = size`,
+    `v_channels = qk_channels`, output `v_channels`.
+
+    A thin configuration of [`eqx_attention.MultiheadAttention`][] (field `attention`).
+
+    ```python
+    attn = SelfAttention(8, 64, key=jax.random.key(0))
+    attn(jnp.ones((16, 64))).shape   # (16, 64)
+    ```
+    """
+
+    attention: MultiheadAttention
+
+    def __init__(
+        self,
+        num_heads: int,
+        size: int,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        output_size: int | None = None,
+        use_bias: bool = True,
+        dropout_p: float = 0.0,
+        inference: bool = False,
+        dtype: Any = None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:**
+
+        - `num_heads`: number of attention heads.
+        - `size`: channels of the input.
+        - `qk_channels`: total query/key width; defaults to `size`.
+        - `v_channels`: total value width; defaults to `qk_channels`.
+        - `output_size`: output channels; defaults to `v_channels`.
+        - `use_bias`, `dropout_p`, `inference`, `dtype`, `key`: as for
+          [`eqx_attention.CrossAttention`][].
+        """
+        qk_channels = size if qk_channels is None else qk_channels
+        v_channels = qk_channels if v_channels is None else v_channels
+        output_size = v_channels if output_size is None else output_size
+        self.attention = _multihead(
+            num_heads, size, size, qk_channels, v_channels, output_size,
+            use_bias, dropout_p, inference, dtype, key,
+        )  # fmt: skip
+
+    def __call__(
+        self,
+        x: Float[Array, "seq size"],
+        mask: Bool[Array, "seq seq"] | Bool[Array, "num_heads seq seq"] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+        implementation: str | None = None,
+        return_weights: bool = False,
+    ) -> Float[Array, "seq output_size"] | tuple[Float[Array, "seq output_size"], Weights]:
+        """**Arguments:**
+
+        - `x`: `(seq, size)`.
+        - `mask`, `key`, `inference`, `implementation`, `return_weights`: as for
+          [`eqx_attention.CrossAttention`][].
+
+        **Returns:**
+
+        `(seq, output_size)`, or `(output, weights)` with `return_weights=True`.
+        """
+        return self.attention(
+            x,
+            mask=mask,
+            key=key,
+            inference=inference,
+            implementation=implementation,
+            return_weights=return_weights,
+        )
+
+
+QKVAttention = CrossAttention
+"""flax-extra's name for [`eqx_attention.CrossAttention`][] with `shape_for_attn="q"`."""
+
+
+def KVQAttention(num_heads: int, query_size: int, kv_size: int, **kwargs: Any) -> CrossAttention:
+    """flax-extra's `KVQAttention`: a [`eqx_attention.CrossAttention`][] with
+    `shape_for_attn="kv"` (widths follow the key/value input, the output follows the query).
+
+    Takes the same arguments as `CrossAttention` apart from `shape_for_attn`.
+    """
+    return CrossAttention(num_heads, query_size, kv_size, shape_for_attn="kv", **kwargs)
