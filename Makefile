@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
 
-.PHONY: test lint format
+.PHONY: test lint format docs docs-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,11 @@ lint: $(VENV)/.stamp-test
 format: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# The documentation site, built into site/; --strict turns a broken reference into an error.
+docs: $(VENV)/.stamp-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# Load the built site in headless Chromium (Debian's `chromium`; not needed by CI).
+docs-check: docs
+	$(PY) docs/scripts/check_site.py

@@ -1,0 +1,138 @@
+"""The documentation cannot rot: every Python block in it runs, every public name is in it.
+
+Each page's ```python blocks run in order in one namespace, like a notebook, in a fresh
+interpreter (a page may need to set XLA flags before JAX starts). Run one page by hand with
+
+    python tests/test_docs.py docs/guides/masks.md
+"""
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+import eqx_attention
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = sorted([*DOCS.rglob("*.md"), ROOT / "README.md"])
+
+# A fenced block opens with ```python (possibly indented, inside an admonition) and closes
+# with a fence of the same indentation.
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*$")
+_API_STUB = re.compile(r"^::: eqx_attention\.(\w+)\s*$", re.MULTILINE)
+
+
+def python_blocks(path: pathlib.Path) -> list[tuple[int, str]]:
+    """`(first line number, code)` of each ```python block of a Markdown file."""
+    blocks = []
+    lines = path.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        opening = _FENCE.match(lines[i])
+        if opening is None:
+            i += 1
+            continue
+        indent = opening["indent"]
+        end = i + 1
+        while end < len(lines) and lines[end].rstrip() != f"{indent}```":
+            end += 1
+        if end == len(lines):
+            raise ValueError(f"{path}:{i + 1}: unclosed code fence")
+        if opening["lang"] == "python":
+            body = [line[len(indent) :] for line in lines[i + 1 : end]]
+            blocks.append((i + 2, "\n".join(body)))
+        i = end + 1
+    return blocks
+
+
+def run_page(path: pathlib.Path) -> None:
+    """Execute a page's Python blocks in order; tracebacks point at the Markdown lines."""
+    namespace = {"__name__": "__main__"}
+    for line, code in python_blocks(path):
+        # Pad with newlines so the compiled code's line numbers are the page's.
+        exec(compile("\n" * (line - 1) + code, str(path), "exec"), namespace)
+
+
+PAGES_WITH_CODE = [p for p in PAGES if python_blocks(p)]
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_page_runs(page):
+    result = subprocess.run(
+        [sys.executable, __file__, str(page)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"{page} failed:\n{result.stdout}\n{result.stderr}"
+
+
+def test_guides_have_code():
+    # Guards the extraction itself: if it silently found nothing, no page would be run.
+    guides = {p.relative_to(DOCS).as_posix() for p in PAGES_WITH_CODE if p.is_relative_to(DOCS)}
+    assert {"getting-started.md", "guides/masks.md"} <= guides
+
+
+def test_python_blocks_extraction(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "text\n```python\nx = 1\n```\n```bash\nls\n```\n!!! note\n\n    ```python\n"
+        "    y = x + 1\n    ```\n"
+    )
+    assert python_blocks(page) == [(3, "x = 1"), (11, "y = x + 1")]
+
+
+def test_every_public_name_is_documented():
+    stubs = [
+        m for p in sorted((DOCS / "api").glob("*.md")) for m in _API_STUB.findall(p.read_text())
+    ]
+    assert sorted(stubs) == sorted(set(stubs)), "a name has more than one API entry"
+    missing = set(eqx_attention.__all__) - set(stubs)
+    extra = set(stubs) - set(eqx_attention.__all__)
+    assert not missing, f"public names without an API entry in docs/api/: {sorted(missing)}"
+    assert not extra, f"API entries for names not in eqx_attention.__all__: {sorted(extra)}"
+
+
+def test_mask_figures(tmp_path):
+    sys.path.insert(0, str(DOCS / "scripts"))
+    try:
+        import mask_figures
+    finally:
+        sys.path.pop(0)
+    written = mask_figures.main(tmp_path)
+    committed = {p.name for p in (DOCS / "images").glob("mask_*.png")}
+    assert {p.name for p in written} == committed, "regenerate with docs/scripts/mask_figures.py"
+    for path in written:
+        assert path.read_bytes().startswith(b"\x89PNG")
+    # Every committed figure is shown on some page.
+    text = "".join(p.read_text() for p in DOCS.rglob("*.md"))
+    assert all(f"images/{name}" in text for name in committed)
+
+
+def test_plot_benchmarks(tmp_path):
+    rows = [
+        {"implementation": impl, "T": t, "causal": causal, "fwd_ms": t / 100, "fwdbwd_ms": t / 30}
+        for impl in ("chunked", "xla", "jax.nn", "equinox-style")
+        for t in (256, 1024, 4096)
+        for causal in (False, True)
+        if not (impl == "equinox-style" and t == 4096)  # missing rows (e.g. out of memory)
+    ]
+    results = tmp_path / "attention.json"
+    results.write_text(json.dumps(rows))
+    out = tmp_path / "plot.png"
+    subprocess.run(
+        [sys.executable, DOCS / "scripts" / "plot_benchmarks.py", results, "--out", out],
+        check=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+if __name__ == "__main__":
+    run_page(pathlib.Path(sys.argv[1]))
