@@ -137,40 +137,52 @@ class AttentionSpec(eqx.Module):
         threshold = jnp.uint32(min(round(self.dropout_p * 2.0**32), 2**32 - 1))
         return h >= threshold
 
-    def kv_block_range(self, q_start, block_q: int, block_k: int, num_kv_blocks: int):
-        """Half-open range of key blocks that queries `[q_start, q_start + block_q)` can see.
+    @property
+    def only_structural(self) -> bool:
+        """True when causal/window structure alone decides visibility (no data-dependent mask)."""
+        data = (self.mask, self.q_length, self.kv_length, self.q_segment_ids, self.mask_mod)
+        return all(x is None for x in data)
 
-        Only causal/window structure is used, so the bounds never depend on batched data and
-        stay un-batched under `jax.vmap`: skipped blocks are really skipped.
+    def _reach(self):
+        """A query at position p sees keys in [p - left, p + right]; None = unlimited."""
+        left = right = None
+        if self.is_causal:
+            right = 0
+        if self.window is not None:
+            left = self.window[0]
+            right = self.window[1] if right is None else min(right, self.window[1])
+        return left, right
+
+    def kv_ranges(self, q_start, block_q: int):
+        """Key ranges `(lo, hi, inner_lo, inner_hi)` for queries `[q_start, q_start + block_q)`.
+
+        `[lo, hi)` holds every key some query of the block may see; every query sees every
+        key of `[inner_lo, inner_hi)` as far as causal/window structure goes. Kernels skip
+        keys outside the first range and evaluate no mask inside the second. The bounds depend
+        only on loop indices, so they stay un-batched under `jax.vmap`.
         """
-        lo, hi = 0, num_kv_blocks
+        left, right = self._reach()
         first = q_start + self.offset
         last = first + block_q - 1
-        right = None
-        if self.is_causal:
-            right = 0
-        if self.window is not None:
-            right = self.window[1] if right is None else min(right, self.window[1])
-            lo = jnp.clip((first - self.window[0]) // block_k, 0, num_kv_blocks)
-        if right is not None:
-            hi = jnp.clip((last + right) // block_k + 1, 0, num_kv_blocks)
-        return lo, jnp.maximum(lo, hi)
+        lo = 0 if left is None else jnp.clip(first - left, 0, self.kv_seq)
+        hi = self.kv_seq if right is None else jnp.clip(last + right + 1, 0, self.kv_seq)
+        inner_lo = lo if left is None else jnp.clip(last - left, 0, self.kv_seq)
+        inner_hi = hi if right is None else jnp.clip(first + right + 1, 0, self.kv_seq)
+        return lo, jnp.maximum(lo, hi), inner_lo, jnp.maximum(inner_lo, inner_hi)
 
-    def q_block_range(self, kv_start, block_k: int, block_q: int, num_q_blocks: int):
-        """Half-open range of query blocks that can see keys `[kv_start, kv_start + block_k)`."""
-        lo, hi = 0, num_q_blocks
-        first_kv, last_kv = kv_start, kv_start + block_k - 1
-        right = None
-        if self.is_causal:
-            right = 0
-        if self.window is not None:
-            right = self.window[1] if right is None else min(right, self.window[1])
-            # A query at position p sees key c when c >= p - left, i.e. p <= c + left.
-            hi = jnp.clip((last_kv + self.window[0] - self.offset) // block_q + 1, 0, num_q_blocks)
-        if right is not None:
-            # ...and c <= p + right, i.e. p >= c - right.
-            lo = jnp.clip((first_kv - right - self.offset) // block_q, 0, num_q_blocks)
-        return lo, jnp.maximum(lo, hi)
+    def q_ranges(self, kv_start, block_k: int):
+        """Query-row ranges `(lo, hi, inner_lo, inner_hi)` for keys from `kv_start` on.
+
+        The transpose of [`kv_ranges`][]: rows that may see some key of the block, and rows that
+        see all of them. A key c is seen by positions p with c - right <= p <= c + left.
+        """
+        left, right = self._reach()
+        first, last = kv_start, kv_start + block_k - 1
+        lo = 0 if right is None else jnp.clip(first - right - self.offset, 0, self.q_seq)
+        hi = self.q_seq if left is None else jnp.clip(last + left + 1 - self.offset, 0, self.q_seq)
+        inner_lo = lo if right is None else jnp.clip(last - right - self.offset, 0, self.q_seq)
+        inner_hi = hi if left is None else jnp.clip(first + left + 1 - self.offset, 0, self.q_seq)
+        return lo, jnp.maximum(lo, hi), inner_lo, jnp.maximum(inner_lo, inner_hi)
 
 
 def _take(ids: Int[Array, " n"], idx: Int[Array, " b"]) -> Int[Array, " b"]:

@@ -11,12 +11,15 @@ IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
 # as fast as 128-key ones; smaller query blocks let causal attention skip more work.
 BLOCK_Q = 256
 BLOCK_K = 512
+# Finer steps along the edges of causal/window patterns, so skipping wastes little.
+FINE_Q = 128
+FINE_K = 128
 # Below this many logits per head the one-shot reference beats the blockwise loop.
 XLA_MAX_LOGITS = 256 * 256
 
 
 def chunked_attention(q, k, v, spec: AttentionSpec, bias):
-    return _chunked(q, k, v, spec, bias, BLOCK_Q, BLOCK_K)
+    return _chunked(q, k, v, spec, bias, BLOCK_Q, BLOCK_K, FINE_Q, FINE_K)
 
 
 def choose_implementation(

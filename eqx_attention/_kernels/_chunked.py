@@ -24,10 +24,19 @@ def chunked_attention(
     bias,
     block_q: int,
     block_k: int,
+    fine_q: int,
+    fine_k: int,
 ) -> Float[Array, "K G T Dv"]:
-    """Pad to whole blocks, run the blockwise kernel, drop the padding."""
+    """Pad to whole blocks, run the blockwise kernel, drop the padding.
+
+    `block_q x block_k` tiles cover the inside of causal/window patterns; `fine_q`/`fine_k`
+    (which must divide them) are the finer steps taken along the pattern's edges.
+    """
     T, S = spec.q_seq, spec.kv_seq
     block_q, block_k = min(block_q, T), min(block_k, S)
+    # Short sequences make a single block; its edge steps must still divide it.
+    fine_q = fine_q if block_q % fine_q == 0 else block_q
+    fine_k = fine_k if block_k % fine_k == 0 else block_k
     pad_q, pad_k = -T % block_q, -S % block_k
     q = _pad_axis(q, 2, pad_q)
     k, v = _pad_axis(k, 1, pad_k), _pad_axis(v, 1, pad_k)
@@ -37,7 +46,7 @@ def chunked_attention(
     spec = _replace_mask(spec, mask)
     if bias is not None:
         bias = _pad_dense(bias, pad_q, pad_k, 0.0)
-    out = _flash(q, k, v, bias, spec, block_q, block_k)
+    out = _flash(q, k, v, bias, spec, (block_q, block_k, fine_q, fine_k))
     return out[:, :, :T]
 
 
@@ -64,68 +73,90 @@ def _replace_mask(spec: AttentionSpec, mask) -> AttentionSpec:
     return type(spec)(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "mask": mask})
 
 
-def _padding_visible(spec: AttentionSpec, kv_idx, visible):
-    """Keys past the real sequence are padding: hide them when a block reaches past it."""
-    padded = kv_idx[None, None, None, :] < spec.kv_seq
-    return padded if visible is None else visible & padded
+def _split(lo, hi, inner_lo, inner_hi, coarse: int, fine: int):
+    """Cover `[lo, hi)` with coarse blocks inside `[inner_lo, inner_hi)` and fine ones around.
+
+    Returns three half-open block-index ranges: fine blocks before, coarse blocks, fine blocks
+    after. Masks are only evaluated on the fine blocks, which hug the edges of the pattern,
+    so little work is wasted on hidden pairs while interior blocks stay large and fast.
+    """
+    c_lo = -(-inner_lo // coarse)
+    c_hi = jnp.maximum(c_lo, inner_hi // coarse)
+    has_coarse = c_hi > c_lo
+    ratio = coarse // fine
+    f_lo, f_hi = lo // fine, -(-hi // fine)
+    before = (f_lo, jnp.where(has_coarse, jnp.maximum(f_lo, c_lo * ratio), f_hi))
+    after = (jnp.where(has_coarse, jnp.minimum(f_hi, c_hi * ratio), f_hi), f_hi)
+    return before, (c_lo, c_hi), after
 
 
-def _needs_padding_mask(spec: AttentionSpec, block_k: int) -> bool:
-    return spec.kv_seq % block_k != 0
+def _run_blocks(ranges, coarse: int, fine: int, step, carry):
+    """Fold `step(start, width, interior, carry)` over the three ranges of [`_split`][]."""
+    (b_lo, b_hi), (c_lo, c_hi), (a_lo, a_hi) = _split(*ranges, coarse, fine)
+    carry = jax.lax.fori_loop(b_lo, b_hi, lambda j, c: step(j * fine, fine, False, c), carry)
+    carry = jax.lax.fori_loop(c_lo, c_hi, lambda j, c: step(j * coarse, coarse, True, c), carry)
+    return jax.lax.fori_loop(a_lo, a_hi, lambda j, c: step(j * fine, fine, False, c), carry)
 
 
-def _block_visible(spec, q_idx, kv_idx, mask_blk, block_k):
-    visible = spec.visible(q_idx, kv_idx, mask_blk)
-    if _needs_padding_mask(spec, block_k):
-        visible = _padding_visible(spec, kv_idx, visible)
+def _visible(spec: AttentionSpec, interior: bool, q_idx, kv_idx, mask_blk, may_pad: bool):
+    """The block's mask; `None` inside the pattern when nothing data-dependent masks.
+
+    `may_pad` says whether the block can reach into the key padding that fills the last
+    block, which must then be hidden too.
+    """
+    visible = None if interior and spec.only_structural else spec.visible(q_idx, kv_idx, mask_blk)
+    if may_pad:
+        padding = kv_idx[None, None, None, :] < spec.kv_seq
+        visible = padding if visible is None else visible & padding
     return visible
 
 
-def _forward(q, k, v, bias, spec: AttentionSpec, block_q: int, block_k: int):
+def _forward(q, k, v, bias, spec: AttentionSpec, blocks):
+    block_q, block_k, _, fine_k = blocks
     K, G, Tp, _ = q.shape
-    Sp, vo_size = k.shape[1], v.shape[-1]
-    num_q, num_k = Tp // block_q, Sp // block_k
+    vo_size = v.shape[-1]
 
     def one_query_block(i):
         q_start = i * block_q
         q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, block_q, axis=2)
         q_idx = q_start + jnp.arange(block_q)
-        lo, hi = spec.kv_block_range(q_start, block_q, block_k, num_k)
 
-        def step(j, carry):
-            kv_start = j * block_k
-            kv_idx = kv_start + jnp.arange(block_k)
-            k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, block_k, axis=1)
-            v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, block_k, axis=1)
-            mask_blk = dense_block(spec.mask, q_start, block_q, kv_start, block_k)
-            bias_blk = dense_block(bias, q_start, block_q, kv_start, block_k)
-            visible = _block_visible(spec, q_idx, kv_idx, mask_blk, block_k)
+        def step(kv_start, width, interior, carry):
+            kv_idx = kv_start + jnp.arange(width)
+            k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, width, axis=1)
+            v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, width, axis=1)
+            mask_blk = dense_block(spec.mask, q_start, block_q, kv_start, width)
+            bias_blk = dense_block(bias, q_start, block_q, kv_start, width)
+            # Interior blocks end at or before kv_seq; only edge blocks can reach padding.
+            may_pad = not interior and spec.kv_seq % width != 0
+            visible = _visible(spec, interior, q_idx, kv_idx, mask_blk, may_pad)
             return block_forward(carry, q_blk, k_blk, v_blk, spec, q_idx, kv_idx, bias_blk, visible)
 
-        return finalize(jax.lax.fori_loop(lo, hi, step, init_carry(q_blk, vo_size)))
+        ranges = spec.kv_ranges(q_start, block_q)
+        carry = _run_blocks(ranges, block_k, fine_k, step, init_carry(q_blk, vo_size))
+        return finalize(carry)
 
-    out, lse = jax.lax.map(one_query_block, jnp.arange(num_q))
+    out, lse = jax.lax.map(one_query_block, jnp.arange(Tp // block_q))
     # [num_q, K, G, bq, ...] -> [K, G, num_q * bq, ...]
     out = jnp.moveaxis(out, 0, 2).reshape(K, G, Tp, vo_size)
     lse = jnp.moveaxis(lse, 0, 2).reshape(K, G, Tp)
     return out.astype(v.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(q, k, v, bias, spec, block_q, block_k):
-    return _forward(q, k, v, bias, spec, block_q, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, bias, spec, blocks):
+    return _forward(q, k, v, bias, spec, blocks)[0]
 
 
-def _flash_fwd(q, k, v, bias, spec, block_q, block_k):
-    out, lse = _forward(q, k, v, bias, spec, block_q, block_k)
+def _flash_fwd(q, k, v, bias, spec, blocks):
+    out, lse = _forward(q, k, v, bias, spec, blocks)
     return out, (q, k, v, bias, spec, out, lse)
 
 
-def _flash_bwd(block_q, block_k, residuals, d_out):
+def _flash_bwd(blocks, residuals, d_out):
+    block_q, block_k, fine_q, _ = blocks
     q, k, v, bias, spec, out, lse = residuals
-    K, G, Tp, _ = q.shape
     Sp = k.shape[1]
-    num_q, num_k = Tp // block_q, Sp // block_k
     d_out = d_out.astype(jnp.float32)
     delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)
 
@@ -135,38 +166,37 @@ def _flash_bwd(block_q, block_k, residuals, d_out):
         kv_idx = kv_start + jnp.arange(block_k)
         k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, block_k, axis=1)
         v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, block_k, axis=1)
-        lo, hi = spec.q_block_range(kv_start, block_k, block_q, num_q)
 
-        def step(i, carry):
+        def step(q_start, width, interior, carry):
             dq, dbias, dk_blk, dv_blk = carry
-            q_start = i * block_q
-            q_idx = q_start + jnp.arange(block_q)
-            q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, block_q, axis=2)
-            do_blk = jax.lax.dynamic_slice_in_dim(d_out, q_start, block_q, axis=2)
-            lse_blk = jax.lax.dynamic_slice_in_dim(lse, q_start, block_q, axis=2)
-            delta_blk = jax.lax.dynamic_slice_in_dim(delta, q_start, block_q, axis=2)
-            mask_blk = dense_block(spec.mask, q_start, block_q, kv_start, block_k)
-            bias_blk = dense_block(bias, q_start, block_q, kv_start, block_k)
-
-            visible = _block_visible(spec, q_idx, kv_idx, mask_blk, block_k)
+            q_idx = q_start + jnp.arange(width)
+            rows = [
+                jax.lax.dynamic_slice_in_dim(x, q_start, width, axis=2)
+                for x in (q, d_out, lse, delta)
+            ]
+            mask_blk = dense_block(spec.mask, q_start, width, kv_start, block_k)
+            bias_blk = dense_block(bias, q_start, width, kv_start, block_k)
+            # Which key block holds the padding is only known at run time: check it everywhere.
+            may_pad = spec.kv_seq % block_k != 0
+            visible = _visible(spec, interior, q_idx, kv_idx, mask_blk, may_pad)
             dq_blk, dk_step, dv_step, dbias_blk = block_backward(
-                q_blk, k_blk, v_blk, do_blk, lse_blk, delta_blk, spec, q_idx, kv_idx, bias_blk,
-                visible,
-            )  # fmt: skip
+                rows[0], k_blk, v_blk, *rows[1:], spec, q_idx, kv_idx, bias_blk, visible
+            )
             dq = _add_slice(dq, dq_blk, q_start, axis=2)
-            dk_blk, dv_blk = dk_blk + dk_step, dv_blk + dv_step
             if dbias is not None:
                 dbias = _add_dense_block(dbias, dbias_blk, q_start, kv_start)
-            return dq, dbias, dk_blk, dv_blk
+            return dq, dbias, dk_blk + dk_step, dv_blk + dv_step
 
         zeros_k = jnp.zeros(k_blk.shape, jnp.float32)
         zeros_v = jnp.zeros(v_blk.shape, jnp.float32)
-        dq, dbias, dk_blk, dv_blk = jax.lax.fori_loop(lo, hi, step, (dq, dbias, zeros_k, zeros_v))
+        ranges = spec.q_ranges(kv_start, block_k)
+        carry = (dq, dbias, zeros_k, zeros_v)
+        dq, dbias, dk_blk, dv_blk = _run_blocks(ranges, block_q, fine_q, step, carry)
         return (dq, dbias), (dk_blk, dv_blk)
 
     dq0 = jnp.zeros(q.shape, jnp.float32)
     dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-    (dq, dbias), (dk, dv) = jax.lax.scan(one_kv_block, (dq0, dbias0), jnp.arange(num_k))
+    (dq, dbias), (dk, dv) = jax.lax.scan(one_kv_block, (dq0, dbias0), jnp.arange(Sp // block_k))
     # [num_k, K, bk, ...] -> [K, num_k * bk, ...]
     dk = jnp.moveaxis(dk, 0, 1).reshape(k.shape)
     dv = jnp.moveaxis(dv, 0, 1).reshape(v.shape)

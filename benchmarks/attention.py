@@ -1,0 +1,207 @@
+"""Speed and memory of `eqx_attention.dot_product_attention` against its anchors.
+
+Run by hand (never part of the tests):
+
+    .venv/bin/python benchmarks/attention.py                 # speed table, ~5 min on 2 cores
+    .venv/bin/python benchmarks/attention.py --memory        # + peak memory at long T
+    .venv/bin/python benchmarks/attention.py --memory --long # + T=65536 fwd+bwd (minutes)
+
+Everything is measured in one run on the current machine: the library's default and "xla"
+implementations, `jax.nn.dot_product_attention`, and Equinox-style attention (a per-head
+einsum + softmax, `jax.vmap`ped over heads as `equinox.nn.MultiheadAttention` does), each
+with batch 2 via `jax.vmap`, 8 heads of 64, float32. GFLOP/s count the matmuls only:
+forward 4·B·H·T²·D, backward twice that, halved for causal attention; the machine's
+float32 matmul rate is measured alongside as the ceiling.
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+import eqx_attention as ea
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "attention.json"
+
+
+def equinox_style(q, k, v, causal):
+    """Per-head attention as equinox.nn.MultiheadAttention computes it."""
+
+    def one_head(q, k, v):
+        logits = (q / math.sqrt(q.shape[-1])) @ k.T
+        if causal:
+            mask = jnp.tril(jnp.ones(logits.shape, bool))
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        return jax.nn.softmax(logits) @ v
+
+    return jax.vmap(one_head, in_axes=1, out_axes=1)(q, k, v)
+
+
+def ours(implementation):
+    def attend(q, k, v, causal):
+        return ea.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
+
+    return attend
+
+
+def jax_nn(q, k, v, causal):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+
+
+IMPLEMENTATIONS = {
+    "eqx_attention": ours(None),
+    "eqx_attention[xla]": ours("xla"),
+    "jax.nn": jax_nn,
+    "equinox-style": equinox_style,
+}
+
+
+def make_fns(attend, causal):
+    def fwd(q, k, v):
+        return jax.vmap(lambda q, k, v: attend(q, k, v, causal))(q, k, v)
+
+    def loss(q, k, v):
+        return jnp.sum(fwd(q, k, v) ** 2)
+
+    return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def best_time(fn, *args, repeats):
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_gflops(repeats):
+    """The machine's float32 matmul rate: the best of a few square sizes."""
+    best = 0.0
+    for n in (1024, 2048):
+        a = jax.random.normal(jax.random.key(0), (n, n))
+        t = best_time(jax.jit(jnp.dot), a, a, repeats=repeats)
+        best = max(best, 2 * n**3 / t / 1e9)
+    return best
+
+
+def inputs(batch, length, heads, size):
+    keys = jax.random.split(jax.random.key(0), 3)
+    return [jax.random.normal(k, (batch, length, heads, size)) for k in keys]
+
+
+def speed_table(args):
+    rows = []
+    peak = matmul_gflops(args.repeats)
+    print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
+    print(f"float32 matmul peak (measured): {peak:.0f} GFLOP/s\n")
+    header = (
+        f"{'T':>5} {'causal':>6} {'implementation':<20} {'fwd ms':>9} {'fwd+bwd ms':>11} "
+        f"{'fwd GF/s':>9} {'f+b GF/s':>9} {'fwd vs jax.nn':>14} {'f+b vs jax.nn':>14}"
+    )
+    print(header)
+    print("-" * len(header))
+    for length in args.lengths:
+        q, k, v = inputs(args.batch, length, args.heads, args.head_size)
+        for causal in (False, True):
+            flops = 4 * args.batch * args.heads * length**2 * args.head_size
+            flops = flops / 2 if causal else flops
+            measured = {}
+            for name, attend in IMPLEMENTATIONS.items():
+                fwd, grad = make_fns(attend, causal)
+                measured[name] = (
+                    best_time(fwd, q, k, v, repeats=args.repeats),
+                    best_time(grad, q, k, v, repeats=args.repeats),
+                )
+            anchor_fwd, anchor_both = measured["jax.nn"]
+            for name, (t_fwd, t_both) in measured.items():
+                rows.append(
+                    dict(implementation=name, T=length, causal=causal,
+                         fwd_ms=t_fwd * 1e3, fwdbwd_ms=t_both * 1e3)
+                )  # fmt: skip
+                print(
+                    f"{length:>5} {causal!s:>6} {name:<20} {t_fwd * 1e3:>9.1f} "
+                    f"{t_both * 1e3:>11.1f} {flops / t_fwd / 1e9:>9.1f} "
+                    f"{3 * flops / t_both / 1e9:>9.1f} {anchor_fwd / t_fwd:>13.2f}x "
+                    f"{anchor_both / t_both:>13.2f}x"
+                )
+        print()
+    ours_rows = {(r["T"], r["causal"]): r for r in rows if r["implementation"] == "eqx_attention"}
+    print("causal speed-up of the default implementation (non-causal time / causal time):")
+    for length in args.lengths:
+        plain, causal = ours_rows[(length, False)], ours_rows[(length, True)]
+        print(
+            f"  T={length}: fwd {plain['fwd_ms'] / causal['fwd_ms']:.2f}x, "
+            f"fwd+bwd {plain['fwdbwd_ms'] / causal['fwdbwd_ms']:.2f}x"
+        )
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(dict(matmul_gflops=peak, rows=rows), indent=1))
+    print(f"\nwrote {RESULTS}")
+
+
+def memory_child(length, implementation):
+    """Run one causal fwd+bwd at batch 1 and print the process's peak resident memory."""
+    q, k, v = inputs(1, length, 8, 64)
+    _, grad = make_fns(IMPLEMENTATIONS[implementation], causal=True)
+    start = time.perf_counter()
+    jax.block_until_ready(grad(q, k, v))
+    seconds = time.perf_counter() - start
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(dict(peak_mib=peak_mib, seconds=seconds)))
+
+
+def memory_table(args):
+    lengths = [4096, 16384] + ([65536] if args.long else [])
+    print("\npeak process memory, causal fwd+bwd, batch 1, 8 heads of 64, float32")
+    print("(a separate process per row; logits alone would be 8 heads x T^2 x 4 bytes)")
+    for length in lengths:
+        for name in ("eqx_attention", "jax.nn"):
+            logits_gib = 8 * length**2 * 4 / 2**30
+            if name == "jax.nn" and logits_gib > 4:
+                print(f"  T={length:>6} {name:<14} skipped: logits alone need {logits_gib:.0f} GiB")
+                continue
+            out = subprocess.run(
+                [sys.executable, __file__, "--memory-child", str(length), name],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if out.returncode != 0:
+                print(f"  T={length:>6} {name:<14} failed: {out.stderr.strip().splitlines()[-1]}")
+                continue
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            print(
+                f"  T={length:>6} {name:<14} peak {result['peak_mib']:>8.0f} MiB "
+                f"(logits would be {logits_gib * 1024:>8.0f} MiB), {result['seconds']:.1f} s"
+            )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory")
+    parser.add_argument("--long", action="store_true", help="with --memory: include T=65536")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--memory-child", nargs=2, metavar=("T", "IMPL"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        memory_child(int(args.memory_child[0]), args.memory_child[1])
+        return
+    if not args.skip_speed:
+        speed_table(args)
+    if args.memory:
+        memory_table(args)
+
+
+if __name__ == "__main__":
+    main()
