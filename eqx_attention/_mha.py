@@ -370,6 +370,68 @@ class MultiheadAttention(eqx.Module):
             ),
         )
 
+    @classmethod
+    def from_flax_nnx(cls, module: Any) -> "MultiheadAttention":
+        """Convert a `flax.nnx.MultiHeadAttention` (copying its parameters).
+
+        Flax's `LinearGeneral` kernels are `(in, heads, head_dim)` for the query/key/value
+        projections and `(heads, head_dim, out)` for the output; they become Equinox-layout
+        `(out, in)` weights by flattening the head axes (head-major, as here) and
+        transposing. QK normalisation converts to this module's LayerNorm (same epsilon,
+        scale only). Flax's decoding cache is not converted: use
+        [`eqx_attention.MultiheadAttention.init_cache`][].
+
+        Flax computes per batch; call the result on one example and `jax.vmap` it. Outputs
+        agree up to float rounding.
+        """
+        in_kv = module.in_kv_features
+        heads, kv_heads, head_dim = module.num_heads, module.num_kv_heads, module.head_dim
+        use_bias = bool(module.use_bias)
+        new = cls(
+            heads,
+            module.in_features,
+            in_kv,
+            in_kv,
+            module.out_features,
+            head_dim,
+            head_dim,
+            num_kv_heads=kv_heads,
+            use_query_bias=use_bias,
+            use_key_bias=use_bias,
+            use_value_bias=use_bias,
+            use_output_bias=use_bias,
+            dropout_p=float(module.dropout_rate),
+            normalize_qk=bool(module.normalize_qk),
+            inference=bool(module.deterministic),
+            dtype=module.query.kernel[...].dtype,
+            key=jax.random.key(0),
+        )
+
+        def convert(linear: eqx.nn.Linear, layer: Any, flat_in: int, flat_out: int):
+            weight = jnp.asarray(layer.kernel[...]).reshape(flat_in, flat_out).T
+            if not use_bias:
+                return eqx.tree_at(lambda lin: lin.weight, linear, weight)
+            bias = jnp.asarray(layer.bias[...]).reshape(flat_out)
+            return eqx.tree_at(lambda lin: (lin.weight, lin.bias), linear, (weight, bias))
+
+        new = eqx.tree_at(
+            lambda m: (m.query_proj, m.key_proj, m.value_proj, m.output_proj),
+            new,
+            (
+                convert(new.query_proj, module.query, module.in_features, heads * head_dim),
+                convert(new.key_proj, module.key, in_kv, kv_heads * head_dim),
+                convert(new.value_proj, module.value, in_kv, kv_heads * head_dim),
+                convert(new.output_proj, module.out, heads * head_dim, module.out_features),
+            ),
+        )
+        if new.query_norm is not None and new.key_norm is not None:
+            new = eqx.tree_at(
+                lambda m: (m.query_norm.weight, m.key_norm.weight),
+                new,
+                (jnp.asarray(module.query_ln.scale[...]), jnp.asarray(module.key_ln.scale[...])),
+            )
+        return new
+
     def _project(self, proj: eqx.nn.Linear, x: Array, heads: int) -> Array:
         # Heads are a contiguous, head-major reshape of the projection, as in Equinox.
         return jax.vmap(proj)(x).reshape(x.shape[0], heads, -1)

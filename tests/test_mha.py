@@ -1,0 +1,271 @@
+import io
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import eqx_attention as ea
+
+# Float32 results computed in a different order from the references.
+TOL = dict(atol=2e-5, rtol=2e-5)
+
+
+def _visible_mask(key, shape):
+    # Every query row keeps key 0 visible: Equinox averages fully masked rows, we zero them.
+    return jax.random.bernoulli(key, 0.6, shape).at[..., 0].set(True)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(key_size=6, value_size=5, output_size=7, qk_size=3, vo_size=9),
+        dict(use_query_bias=True, use_key_bias=True, use_value_bias=True, use_output_bias=True),
+    ],
+)
+def test_from_equinox_matches(getkey, kwargs):
+    theirs = eqx.nn.MultiheadAttention(4, 16, **kwargs, key=getkey())
+    ours = ea.MultiheadAttention.from_equinox(theirs)
+    q = jax.random.normal(getkey(), (5, 16))
+    k = jax.random.normal(getkey(), (7, theirs.key_size))
+    v = jax.random.normal(getkey(), (7, theirs.value_size))
+    assert jnp.allclose(ours(q, k, v), theirs(q, k, v), **TOL)
+    mask = _visible_mask(getkey(), (5, 7))
+    assert jnp.allclose(ours(q, k, v, mask), theirs(q, k, v, mask), **TOL)
+    head_mask = _visible_mask(getkey(), (4, 5, 7))
+    assert jnp.allclose(ours(q, k, v, head_mask), theirs(q, k, v, head_mask), **TOL)
+
+
+def test_from_equinox_vmap_and_fields(getkey):
+    theirs = eqx.nn.MultiheadAttention(2, 8, dropout_p=0.25, key=getkey())
+    ours = ea.MultiheadAttention.from_equinox(theirs)
+    for name in ("query_proj", "key_proj", "value_proj", "output_proj"):
+        assert getattr(ours, name).weight is getattr(theirs, name).weight
+    assert ours.dropout.p == 0.25
+    x = jax.random.normal(getkey(), (3, 6, 8))
+    mask = _visible_mask(getkey(), (3, 6, 6))
+    got = jax.vmap(lambda x, m: ours(x, x, x, m, inference=True))(x, mask)
+    want = jax.vmap(lambda x, m: theirs(x, x, x, m, inference=True))(x, mask)
+    assert jnp.allclose(got, want, **TOL)
+    loop = jnp.stack([ours(x[i], mask=mask[i], inference=True) for i in range(3)])
+    assert jnp.allclose(got, loop, **TOL)
+
+
+def test_rope_matches_equinox_process_heads(getkey):
+    # Equinox's documented pattern: RoPE applied in process_heads.
+    theirs = eqx.nn.MultiheadAttention(2, 16, key=getkey())
+    eqx_rope = eqx.nn.RotaryPositionalEmbedding(8)
+
+    def process_heads(q, k, v):
+        rotate = jax.vmap(eqx_rope, in_axes=1, out_axes=1)
+        return rotate(q), rotate(k), v
+
+    ours = eqx.tree_at(
+        lambda m: m.rope,
+        ea.MultiheadAttention.from_equinox(theirs),
+        ea.RotaryPositionalEmbedding(8),
+        is_leaf=lambda x: x is None,
+    )
+    x = jax.random.normal(getkey(), (9, 16))
+    mask = ea.make_causal_mask(9)
+    want = theirs(x, x, x, mask, process_heads=process_heads)
+    assert jnp.allclose(ours(x, is_causal=True), want, **TOL)
+    # process_heads also works here, after our own RoPE (none on this copy).
+    plain = ea.MultiheadAttention.from_equinox(theirs)
+    assert jnp.allclose(plain(x, x, x, mask, process_heads=process_heads), want, **TOL)
+
+
+def _nnx_mha(num_kv_heads, normalize_qk, key):
+    m = nnx.MultiHeadAttention(
+        num_heads=4,
+        in_features=16,
+        qkv_features=32,
+        out_features=12,
+        num_kv_heads=num_kv_heads,
+        normalize_qk=normalize_qk,
+        decode=False,
+        rngs=nnx.Rngs(0),
+    )
+    # Non-trivial biases and norm scales, so a mis-copied one would show.
+    k1, k2, k3 = jax.random.split(key, 3)
+    m.query.bias[...] = jax.random.normal(k1, m.query.bias.shape)
+    m.out.bias[...] = jax.random.normal(k2, m.out.bias.shape)
+    if normalize_qk:
+        m.query_ln.scale[...] = 1 + jax.random.normal(k3, m.query_ln.scale.shape)
+    return m
+
+
+@pytest.mark.parametrize(
+    "num_kv_heads, normalize_qk, is_causal",
+    [(None, False, False), (2, False, True), (1, True, True), (4, True, False)],
+)
+def test_from_flax_nnx_matches(getkey, num_kv_heads, normalize_qk, is_causal):
+    theirs = _nnx_mha(num_kv_heads, normalize_qk, getkey())
+    ours = ea.MultiheadAttention.from_flax_nnx(theirs)
+    assert ours.num_kv_heads == (num_kv_heads or 4)
+    x = jax.random.normal(getkey(), (3, 10, 16))
+    want = theirs(x, is_causal=is_causal)
+    got = jax.vmap(lambda e: ours(e, is_causal=is_causal))(x)
+    # Flax's LayerNorm uses the one-pass variance: slightly looser.
+    assert jnp.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_from_flax_nnx_cross_attention_and_mask(getkey):
+    theirs = nnx.MultiHeadAttention(
+        num_heads=2, in_features=8, in_kv_features=6, decode=False, rngs=nnx.Rngs(1)
+    )
+    ours = ea.MultiheadAttention.from_flax_nnx(theirs)
+    q = jax.random.normal(getkey(), (2, 5, 8))
+    kv = jax.random.normal(getkey(), (2, 7, 6))
+    mask = _visible_mask(getkey(), (2, 2, 5, 7))
+    want = theirs(q, kv, mask=mask)
+    got = jax.vmap(lambda q, kv, m: ours(q, kv, mask=m))(q, kv, mask)
+    assert jnp.allclose(got, want, **TOL)
+
+
+def test_gqa_equals_repeated_heads(getkey):
+    gqa = ea.MultiheadAttention(6, 12, num_kv_heads=2, use_key_bias=True, key=getkey())
+    full = ea.MultiheadAttention(6, 12, use_key_bias=True, key=getkey())
+
+    def repeat(w):
+        # Query head n uses kv head n // group: repeat each kv head `group` times in place.
+        return jnp.repeat(w.reshape(2, -1, *w.shape[1:]), 3, axis=0).reshape(-1, *w.shape[1:])
+
+    full = eqx.tree_at(
+        lambda m: (m.query_proj, m.output_proj, m.key_proj.bias, m.key_proj.weight),
+        full,
+        (
+            gqa.query_proj,
+            gqa.output_proj,
+            repeat(gqa.key_proj.bias),
+            repeat(gqa.key_proj.weight),
+        ),
+    )
+    full = eqx.tree_at(lambda m: m.value_proj.weight, full, repeat(gqa.value_proj.weight))
+    x = jax.random.normal(getkey(), (8, 12))
+    assert jnp.allclose(gqa(x, is_causal=True), full(x, is_causal=True), **TOL)
+
+
+def _reference(mha, x, mask):
+    """Straight from the definition, for self-attention with a full (heads, q, kv) mask."""
+    q = jax.vmap(mha.query_proj)(x).reshape(x.shape[0], mha.num_heads, -1)
+    k = jax.vmap(mha.key_proj)(x).reshape(x.shape[0], mha.num_kv_heads, -1)
+    v = jax.vmap(mha.value_proj)(x).reshape(x.shape[0], mha.num_kv_heads, -1)
+    group = mha.num_heads // mha.num_kv_heads
+    k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
+    logits = jnp.einsum("qhd,khd->hqk", q, k) / np.sqrt(mha.qk_size)
+    weights = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    out = jnp.einsum("hqk,khd->qhd", weights, v).reshape(x.shape[0], -1)
+    return jax.vmap(mha.output_proj)(out), weights
+
+
+def test_causal_window_bias_and_weights(getkey):
+    mha = ea.MultiheadAttention(4, 16, num_kv_heads=2, key=getkey())
+    x = jax.random.normal(getkey(), (11, 16))
+    i, j = np.arange(11)[:, None], np.arange(11)[None, :]
+    causal = jnp.asarray(j <= i)
+    want, want_weights = _reference(mha, x, causal)
+    got, weights = mha(x, is_causal=True, return_weights=True)
+    assert jnp.allclose(got, want, **TOL)
+    assert jnp.allclose(weights, want_weights, **TOL)
+    # return_weights does not change the output.
+    assert jnp.array_equal(got, mha(x, is_causal=True))
+    window = jnp.asarray((j <= i) & (j >= i - 3))
+    assert jnp.allclose(
+        mha(x, is_causal=True, local_window_size=3), _reference(mha, x, window)[0], **TOL
+    )
+    # A -inf bias is a mask.
+    bias = jnp.where(window, 0.0, -jnp.inf)
+    assert jnp.allclose(mha(x, bias=bias), _reference(mha, x, window)[0], **TOL)
+    chunked = mha(x, is_causal=True, implementation="chunked")
+    assert jnp.allclose(chunked, want, **TOL)
+
+
+def test_normalize_qk_is_per_head_layernorm(getkey):
+    mha = ea.MultiheadAttention(2, 8, normalize_qk=True, key=getkey())
+    mha = eqx.tree_at(lambda m: m.query_norm.weight, mha, jnp.array([1.0, 2.0, 0.5, 3.0]))
+    x = jax.random.normal(getkey(), (5, 8))
+    seen = {}
+
+    def capture(q, k, v):
+        seen["q"], seen["k"] = q, k
+        return q, k, v
+
+    mha(x, process_heads=capture)
+    q = jax.vmap(mha.query_proj)(x).reshape(5, 2, 4)
+    q = (q - q.mean(-1, keepdims=True)) / jnp.sqrt(q.var(-1, keepdims=True) + 1e-6)
+    assert jnp.allclose(seen["q"], q * jnp.array([1.0, 2.0, 0.5, 3.0]), atol=1e-5)
+    assert jnp.allclose(seen["k"].std(-1), 1.0, atol=1e-3)
+
+
+def test_defaults_and_errors(getkey):
+    mha = ea.MultiheadAttention(2, 8, key_size=6, value_size=6, key=getkey())
+    q, kv = jnp.ones((3, 8)), jnp.ones((4, 6))
+    assert jnp.array_equal(mha(q, kv), mha(q, kv, kv))
+    square = ea.MultiheadAttention(2, 8, key=getkey())
+    assert jnp.array_equal(square(q), square(q, q, q))
+    with pytest.raises(ValueError, match="query_size=10 is not divisible by num_heads=4"):
+        ea.MultiheadAttention(4, 10, key=getkey())
+    ea.MultiheadAttention(4, 10, qk_size=3, vo_size=3, key=getkey())
+    with pytest.raises(ValueError, match="num_heads=4 must be a positive multiple"):
+        ea.MultiheadAttention(4, 8, num_kv_heads=3, key=getkey())
+    with pytest.raises(ValueError, match=r"key_ must have shape \(seq, 6\)"):
+        mha(q, q)
+    with pytest.raises(ValueError, match=r"query must have shape \(seq, 8\)"):
+        mha(kv, kv)
+    with pytest.raises(ValueError, match="rope.embedding_size=6"):
+        ea.MultiheadAttention(2, 8, rope=ea.RotaryPositionalEmbedding(6), key=getkey())
+    with pytest.raises(ValueError, match="must not change the shapes"):
+        square(q, process_heads=lambda q, k, v: (q, k[:1], v[:1]))
+
+
+def test_dropout(getkey):
+    mha = ea.MultiheadAttention(2, 8, dropout_p=0.5, key=getkey())
+    x = jax.random.normal(getkey(), (6, 8))
+    clean = mha(x, inference=True)
+    with pytest.raises(ValueError, match="needs a PRNG `key`"):
+        mha(x)
+    k = getkey()
+    dropped = mha(x, key=k)
+    assert not jnp.allclose(dropped, clean, atol=1e-3)
+    assert jnp.array_equal(dropped, mha(x, key=k))
+    assert not jnp.allclose(dropped, mha(x, key=getkey()), atol=1e-3)
+    # eqx.nn.inference_mode reaches the `dropout` field; a per-call flag overrides it.
+    frozen = eqx.nn.inference_mode(mha)
+    assert jnp.array_equal(frozen(x, key=k), clean)
+    assert jnp.array_equal(eqx.nn.inference_mode(frozen, value=False)(x, key=k), dropped)
+    assert jnp.array_equal(frozen(x, key=k, inference=False), dropped)
+    # p = 0 needs no key.
+    no_drop = eqx.tree_at(lambda m: m.dropout.p, mha, 0.0)
+    assert jnp.array_equal(no_drop(x), clean)
+
+
+def test_serialisation_round_trip(getkey, tmp_path):
+    kwargs = dict(num_kv_heads=1, normalize_qk=True, use_output_bias=True)
+    mha = ea.MultiheadAttention(
+        2, 8, rope=ea.RotaryPositionalEmbedding(4, theta=50.0), **kwargs, key=getkey()
+    )
+    buffer = io.BytesIO()
+    eqx.tree_serialise_leaves(buffer, mha)
+    buffer.seek(0)
+    skeleton = ea.MultiheadAttention(
+        2, 8, rope=ea.RotaryPositionalEmbedding(4, theta=50.0), **kwargs, key=getkey()
+    )
+    loaded = eqx.tree_deserialise_leaves(buffer, skeleton)
+    for a, b in zip(jax.tree.leaves(mha), jax.tree.leaves(loaded), strict=True):
+        assert jnp.array_equal(a, b)
+    x = jax.random.normal(getkey(), (5, 8))
+    assert jnp.array_equal(loaded(x, is_causal=True), mha(x, is_causal=True))
+
+
+def test_bfloat16_parameters(getkey):
+    mha = ea.MultiheadAttention(2, 8, dtype=jnp.bfloat16, key=getkey())
+    x = jax.random.normal(getkey(), (5, 8)).astype(jnp.bfloat16)
+    out = mha(x, is_causal=True)
+    assert out.dtype == jnp.bfloat16
+    f32 = jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_array(a) else a, mha)
+    assert jnp.allclose(out.astype(jnp.float32), f32(x.astype(jnp.float32), is_causal=True),
+                        atol=5e-2)  # fmt: skip
