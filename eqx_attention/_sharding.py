@@ -16,20 +16,21 @@ index map.
 import dataclasses
 import functools
 from collections.abc import Hashable
-from typing import Literal
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._functional import Length, _prepare
 from ._kernels import BLOCK_K, BLOCK_Q
 from ._kernels._blocks import block_backward, block_forward, finalize, init_carry
+from ._mha import MultiheadAttention
 from ._spec import AttentionSpec, MaskMod, ScoreMod
 
 LAYOUTS = ("contiguous", "zigzag")
-Layout = Literal["contiguous", "zigzag"]
 
 
 def ring_attention(
@@ -39,7 +40,7 @@ def ring_attention(
     *,
     axis_name: Hashable,
     is_causal: bool = False,
-    layout: Layout = "contiguous",
+    layout: str = "contiguous",
     scale: float | int | None = None,
     query_seq_length: Length | None = None,
     key_value_seq_length: Length | None = None,
@@ -55,10 +56,10 @@ def ring_attention(
 ) -> Float[Array, "q_seq num_heads vo_size"]:
     """Sequence-parallel attention of one example whose sequence is sharded over a mesh axis.
 
-    Call it inside `jax.shard_map` (or anything else that binds `axis_name`, such as a named
-    `jax.vmap`), on the *local* slices of one example: the sequence axis of `query`, `key`,
-    `value` and the segment ids is split over the `n` devices of `axis_name`. Batch with
-    `jax.vmap` inside the `shard_map`, or shard the batch over another mesh axis. The result
+    Call it inside `jax.shard_map`, on the *local* slices of one example: the sequence axis
+    of `query`, `key`, `value` and the segment ids is split over the `n` devices of
+    `axis_name`. Batch with `jax.vmap` inside the `shard_map`, or shard the batch over
+    another mesh axis. The result
     equals [`eqx_attention.dot_product_attention`][] on the whole sequence, sliced the same
     way, and so do its gradients.
 
@@ -122,8 +123,8 @@ def ring_attention(
         num_devices = jax.lax.axis_size(axis_name)
     except NameError:
         raise ValueError(
-            f"ring_attention(axis_name={axis_name!r}) must be called inside jax.shard_map "
-            f"(or a named jax.vmap) that binds the axis {axis_name!r}, but no such axis is bound"
+            f"ring_attention(axis_name={axis_name!r}) must be called inside a jax.shard_map "
+            f"whose mesh has the axis {axis_name!r}, but no such axis is bound"
         ) from None
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got layout={layout!r}")
@@ -220,6 +221,71 @@ def from_zigzag(x: Array, num_shards: int, *, axis: int = 0) -> Array:
     """
     inverse = np.argsort(zigzag_indices(x.shape[axis], num_shards))
     return jnp.take(x, inverse, axis=axis)
+
+
+def shard_heads(tree: PyTree, mesh: Mesh, axis_name: str) -> PyTree:
+    """Split the heads of every [`eqx_attention.MultiheadAttention`][] in `tree` over a mesh axis.
+
+    Head (tensor) parallelism: each device of `axis_name` holds `1/n` of the heads, i.e. the
+    matching rows of the query/key/value projections (and their biases) and columns of the
+    output projection. Every other array in `tree` is replicated over the mesh. Under `jit`,
+    XLA then computes each head's attention on the device that owns it and sums the output
+    projection's partial products with one all-reduce per layer.
+
+    Works outside `jit` (it moves the arrays) and inside (it constrains their sharding),
+    like `equinox.filter_shard`. Combine with data parallelism by sharding the batch over
+    another axis of the same mesh:
+
+    ```python
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    model = eqx_attention.shard_heads(model, mesh, "model")
+    x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))  # (batch, seq, dim)
+    ```
+
+    **Arguments:**
+
+    - `tree`: a model (any pytree) containing `MultiheadAttention` modules.
+    - `mesh`: the device mesh.
+    - `axis_name`: the mesh axis to split heads over; its size must divide every module's
+      `num_kv_heads` (and hence `num_heads`), so that a group of query heads stays with
+      its key/value head.
+
+    **Returns:**
+
+    `tree` with its arrays placed (or constrained) on `mesh`.
+    """
+    if axis_name not in mesh.shape:
+        raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def shardings(node):
+        if isinstance(node, MultiheadAttention):
+            return _head_shardings(node, mesh, axis_name, replicated)
+        return replicated if eqx.is_array(node) else None
+
+    is_mha = lambda node: isinstance(node, MultiheadAttention)  # noqa: E731
+    return eqx.filter_shard(tree, jax.tree.map(shardings, tree, is_leaf=is_mha))
+
+
+def _head_shardings(mha: MultiheadAttention, mesh: Mesh, axis_name: str, replicated):
+    n = mesh.shape[axis_name]
+    if mha.num_kv_heads % n:
+        raise ValueError(
+            f"cannot split num_kv_heads={mha.num_kv_heads} (num_heads={mha.num_heads}) over "
+            f"the {n} devices of mesh axis {axis_name!r}"
+        )
+    # Heads are a contiguous head-major reshape of the projections' outputs, so splitting
+    # the output rows n ways hands each device whole heads, and query head group i lands
+    # with key/value head i.
+    rows = NamedSharding(mesh, PartitionSpec(axis_name))
+    cols = NamedSharding(mesh, PartitionSpec(None, axis_name))
+    tree = jax.tree.map(lambda x: replicated if eqx.is_array(x) else None, mha)
+    for name in ("query_proj", "key_proj", "value_proj"):
+        split = eqx.tree_at(lambda lin: lin.weight, getattr(tree, name), rows)
+        if split.bias is not None:
+            split = eqx.tree_at(lambda lin: lin.bias, split, rows)
+        tree = eqx.tree_at(lambda m, name=name: getattr(m, name), tree, split)
+    return eqx.tree_at(lambda m: m.output_proj.weight, tree, cols)
 
 
 @dataclasses.dataclass(frozen=True)
