@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
 
-.PHONY: test lint format docs docs-check
+.PHONY: demo test lint format docs docs-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(PY):
 $(VENV)/.stamp-%: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[$*]"
 	touch $@
+
+# Train the example character-level language model (about 3 minutes on 2 CPU cores), sample
+# from it with the KV cache and write a checkpoint and plots to out/.
+demo: $(VENV)/.stamp-examples
+	$(PY) docs/examples/char_lm.py
 
 test: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
