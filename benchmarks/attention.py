@@ -61,6 +61,12 @@ IMPLEMENTATIONS = {
     "jax.nn": jax_nn,
     "equinox-style": equinox_style,
 }
+if jax.default_backend() == "gpu":
+    # The default is cuDNN there; show the portable kernel and jax.nn's own cuDNN call too.
+    IMPLEMENTATIONS["eqx_attention[chunked]"] = ours("chunked")
+    IMPLEMENTATIONS["jax.nn[cudnn]"] = lambda q, k, v, causal: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="cudnn"
+    )
 
 
 def make_fns(attend, causal):
@@ -83,26 +89,28 @@ def best_time(fn, *args, repeats):
     return min(times)
 
 
-def matmul_gflops(repeats):
-    """The machine's float32 matmul rate: the best of a few square sizes."""
+def matmul_gflops(repeats, dtype):
+    """The machine's matmul rate in `dtype`: the best of a few square sizes."""
     best = 0.0
-    for n in (1024, 2048):
-        a = jax.random.normal(jax.random.key(0), (n, n))
+    sizes = (1024, 2048) if jax.default_backend() == "cpu" else (4096, 8192)
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
         t = best_time(jax.jit(jnp.dot), a, a, repeats=repeats)
         best = max(best, 2 * n**3 / t / 1e9)
     return best
 
 
-def inputs(batch, length, heads, size):
+def inputs(batch, length, heads, size, dtype=jnp.float32):
     keys = jax.random.split(jax.random.key(0), 3)
-    return [jax.random.normal(k, (batch, length, heads, size)) for k in keys]
+    return [jax.random.normal(k, (batch, length, heads, size), dtype) for k in keys]
 
 
 def speed_table(args):
     rows = []
-    peak = matmul_gflops(args.repeats)
-    print(f"backend: {jax.default_backend()}, devices: {jax.devices()}")
-    print(f"float32 matmul peak (measured): {peak:.0f} GFLOP/s\n")
+    dtype = jnp.dtype(args.dtype)
+    peak = matmul_gflops(args.repeats, dtype)
+    print(f"backend: {jax.default_backend()}, devices: {jax.devices()}, dtype: {dtype.name}")
+    print(f"{dtype.name} matmul peak (measured): {peak:.0f} GFLOP/s\n")
     header = (
         f"{'T':>5} {'causal':>6} {'implementation':<20} {'fwd ms':>9} {'fwd+bwd ms':>11} "
         f"{'fwd GF/s':>9} {'f+b GF/s':>9} {'fwd vs jax.nn':>14} {'f+b vs jax.nn':>14}"
@@ -110,12 +118,14 @@ def speed_table(args):
     print(header)
     print("-" * len(header))
     for length in args.lengths:
-        q, k, v = inputs(args.batch, length, args.heads, args.head_size)
+        q, k, v = inputs(args.batch, length, args.heads, args.head_size, dtype)
         for causal in (False, True):
             flops = 4 * args.batch * args.heads * length**2 * args.head_size
             flops = flops / 2 if causal else flops
             measured = {}
             for name, attend in IMPLEMENTATIONS.items():
+                if name == "equinox-style" and length > args.equinox_max_length:
+                    continue
                 fwd, grad = make_fns(attend, causal)
                 measured[name] = (
                     best_time(fwd, q, k, v, repeats=args.repeats),
@@ -142,9 +152,11 @@ def speed_table(args):
             f"  T={length}: fwd {plain['fwd_ms'] / causal['fwd_ms']:.2f}x, "
             f"fwd+bwd {plain['fwdbwd_ms'] / causal['fwdbwd_ms']:.2f}x"
         )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(dict(matmul_gflops=peak, rows=rows), indent=1))
-    print(f"\nwrote {RESULTS}")
+    results = pathlib.Path(args.json)
+    results.parent.mkdir(exist_ok=True, parents=True)
+    meta = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), dtype=dtype.name)
+    results.write_text(json.dumps(dict(matmul_gflops=peak, **meta, rows=rows), indent=1))
+    print(f"\nwrote {results}")
 
 
 def memory_child(length, implementation):
@@ -189,6 +201,12 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--json", default=str(RESULTS), help="where to write the rows")
+    parser.add_argument(
+        "--equinox-max-length", type=int, default=8192,
+        help="skip the Equinox-style anchor beyond this length (it materialises every logit)",
+    )  # fmt: skip
     parser.add_argument("--memory", action="store_true", help="also measure peak memory")
     parser.add_argument("--long", action="store_true", help="with --memory: include T=65536")
     parser.add_argument("--skip-speed", action="store_true")
