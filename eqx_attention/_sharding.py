@@ -358,11 +358,11 @@ def _hidden(spec: AttentionSpec, q_idx, kv_idx):
     Uses only the tile's index bounds, which come from the device index and never from
     data, so the decision stays un-batched under `jax.vmap` and the skip is real.
     """
-    right = 0 if spec.is_causal else None
-    if spec.window is not None:
-        right = spec.window[1] if right is None else min(right, spec.window[1])
-    if right is None and spec.window is None:
+    if not spec.is_causal and spec.window is None:
         return None
+    # A query at position p sees keys up to p + right (right = 0 when causal).
+    rights = ([0] if spec.is_causal else []) + ([spec.window[1]] if spec.window else [])
+    right = min(rights)
     q_first, q_last = jnp.min(q_idx) + spec.offset, jnp.max(q_idx) + spec.offset
     kv_first, kv_last = jnp.min(kv_idx), jnp.max(kv_idx)
     hidden = kv_first > q_last + right
@@ -398,7 +398,11 @@ def _vary(tree, axes):
 
     def cast(x):
         missing = tuple(a for a in axes if a not in _varying_axes(x))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
+        if not missing:
+            return x
+        if hasattr(jax.lax, "pcast"):
+            return jax.lax.pcast(x, missing, to="varying")
+        return jax.lax.pvary(x, missing)  # older jax spells the same cast `pvary`
 
     return jax.tree.map(cast, tree)
 
@@ -411,7 +415,7 @@ def _vma(*xs):
 
 
 def _varying_axes(x) -> frozenset:
-    # The manual axes a value varies over: `aval.mat.varying` since jax 0.9, `aval.vma` before.
+    # The manual axes a value varies over: `aval.mat.varying` in newer jax, `aval.vma` before.
     aval = jax.typeof(x)
     mat = getattr(aval, "mat", None)
     return mat.varying if mat is not None else getattr(aval, "vma", frozenset())
@@ -503,16 +507,20 @@ def _ring_bwd(config: _Config, residuals, d_out):
 
             def step(i, acc):
                 def compute(acc):
-                    dq, dk, dv = acc
+                    dq_i, dk, dv = acc
                     qs = None if q_seg is None else q_seg[i]
                     visible = spec.visible(q_idx[i], kvi, _tile_mask(qs, kvs, valid))
-                    dq_i, dk_i, dv_i, _ = block_backward(
+                    dq_step, dk_step, dv_step, _ = block_backward(
                         q_tiles[i], k_blk, v_blk, do_tiles[i], lse_tiles[i], delta_tiles[i],
                         spec, q_idx[i], kvi, None, visible,
                     )  # fmt: skip
-                    return dq.at[i].add(dq_i), dk + dk_i, dv + dv_i
+                    return dq_i + dq_step, dk + dk_step, dv + dv_step
 
-                return _skip_or(_hidden(spec, q_idx[i], kvi), compute, acc)
+                dq, dk, dv = acc
+                # Only this tile's dq passes through the cond: a conditional may copy its
+                # operands, and copying all of dq for every tile pair would dominate.
+                dq_i, dk, dv = _skip_or(_hidden(spec, q_idx[i], kvi), compute, (dq[i], dk, dv))
+                return dq.at[i].set(dq_i), dk, dv
 
             zeros = (jnp.zeros(k_blk.shape, jnp.float32), jnp.zeros(v_blk.shape, jnp.float32))
             zeros = _vary(zeros, axes)
