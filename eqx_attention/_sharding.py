@@ -3,12 +3,12 @@
 Inside `jax.shard_map`, every device holds one slice of the sequence. Each device keeps its
 queries and passes its key/value slice around the ring with `jax.lax.ppermute`; after
 `n - 1` hops every query has met every key. Each visit is folded into the running softmax
-with the chunked kernel's block step ([`_blocks.block_forward`]), so the arithmetic, masks
+with the chunked kernel's block step (`_blocks.block_forward`), so the arithmetic, masks
 and dropout are exactly those of the single-device kernels. The backward pass rings too: the
 key/value gradients travel with their key/value slice and arrive home after a last hop.
 
 Positions are global: a device's rows and keys are described by their indices in the whole
-(unsharded) sequence, and the shared [`AttentionSpec`][] turns those into masks. Layouts
+(unsharded) sequence, and the shared `AttentionSpec` turns those into masks. Layouts
 other than contiguous slices (the load-balanced zig-zag) are therefore only a different
 index map.
 """
