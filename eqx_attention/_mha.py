@@ -129,7 +129,9 @@ class MultiheadAttention(eqx.Module):
           product, as ViT-22B and `flax.nnx.MultiHeadAttention(normalize_qk=True)` do.
         - `rope`: optional [`eqx_attention.RotaryPositionalEmbedding`][] of size `qk_size`,
           applied to every query and key head at its absolute position (after the QK
-          normalisation).
+          normalisation). Keys sit at positions `0..kv_seq - 1` and queries at
+          `kv_seq - q_seq + i`, the alignment `is_causal` uses; with a cache, at the
+          positions of the tokens in the sequence.
         - `inference`: if `True`, dropout is off; toggled by `eqx.nn.inference_mode`
           (through the `dropout` field) or per call.
         - `dtype`: parameter dtype; defaults to float32 (float64 in 64-bit mode).
@@ -277,12 +279,14 @@ class MultiheadAttention(eqx.Module):
         if cache is not None:
             self._check_cache_args(cache, mask, bias, window)
             k, v, slot_positions, cache = cache.update(k, v)
+            self._check_mask(mask, bias, q_seq, k.shape[0])
             # Causality and the window are expressed on absolute positions, since the
             # core's bottom-right alignment refers to the buffer, not to what it holds.
             positional = cache_mask(q_positions, slot_positions, window)
             mask = positional if mask is None else mask & positional
             is_causal, window = False, None
-        self._check_mask(mask, bias, q_seq, k.shape[0])
+        else:
+            self._check_mask(mask, bias, q_seq, kv_seq)
 
         dropout_p, dropout_key = self._dropout_args(key, inference)
         attn = dot_product_attention(

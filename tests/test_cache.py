@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings, strategies as st
 
 import eqx_attention as ea
 
@@ -55,6 +56,27 @@ def test_decode_equals_full_causal_pass(getkey, gqa, rope):
     assert int(cache.length) == SEQ
     prefill_then_steps, _ = _decode(mha, x, mha.init_cache(SEQ), [5, 1, 1, 3, 1, 1])
     assert jnp.allclose(prefill_then_steps, full, **TOL)
+
+
+_PROPERTY_MHA = _mha(jax.random.key(7), gqa=True, rope=True)
+_PROPERTY_X = jax.random.normal(jax.random.key(8), (SEQ, 16))
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    chunks=st.lists(st.integers(1, 3), min_size=1, max_size=SEQ).filter(lambda c: sum(c) <= SEQ),
+    window=st.sampled_from([None, 2]),
+)
+def test_any_chunking_equals_full_pass(chunks, window):
+    # Chunk sizes are few, so the jitted steps compile a handful of times in all.
+    x = _PROPERTY_X[: sum(chunks)]
+    full = _call(_PROPERTY_MHA, x, is_causal=True, local_window_size=window)
+    linear, _ = _decode(_PROPERTY_MHA, x, _PROPERTY_MHA.init_cache(SEQ), chunks, window)
+    assert jnp.allclose(linear, full, **TOL)
+    if window is not None:
+        cache = _PROPERTY_MHA.init_sliding_window_cache(window)
+        ring, _ = _decode(_PROPERTY_MHA, x, cache, chunks, window)
+        assert jnp.allclose(ring, full, **TOL)
 
 
 @pytest.mark.parametrize("rope", [False, True])

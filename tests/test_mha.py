@@ -218,6 +218,10 @@ def test_defaults_and_errors(getkey):
         mha(kv, kv)
     with pytest.raises(ValueError, match="rope.embedding_size=6"):
         ea.MultiheadAttention(2, 8, rope=ea.RotaryPositionalEmbedding(6), key=getkey())
+    with pytest.raises(ValueError, match=r"mask must have shape \(q_seq, kv_seq\)=\(3, 3\)"):
+        square(q, mask=jnp.ones((3, 5), bool))
+    with pytest.raises(ValueError, match=r"bias must have shape \(q_seq, kv_seq\)=\(3, 10\)"):
+        square(q, cache=square.init_cache(10), bias=jnp.ones((3, 3)))
     with pytest.raises(ValueError, match="must not change the shapes"):
         square(q, process_heads=lambda q, k, v: (q, k[:1], v[:1]))
 
