@@ -59,9 +59,8 @@ def ring_attention(
     Call it inside `jax.shard_map`, on the *local* slices of one example: the sequence axis
     of `query`, `key`, `value` and the segment ids is split over the `n` devices of
     `axis_name`. Batch with `jax.vmap` inside the `shard_map`, or shard the batch over
-    another mesh axis. The result
-    equals [`eqx_attention.dot_product_attention`][] on the whole sequence, sliced the same
-    way, and so do its gradients.
+    another mesh axis. The result equals [`eqx_attention.dot_product_attention`][] on the
+    whole sequence, sliced the same way, and so do its gradients.
 
     Key/value slices travel around the ring with `jax.lax.ppermute`, one hop per step, and
     are folded into an online softmax; the backward pass is a `jax.custom_vjp` that rings
@@ -71,7 +70,7 @@ def ring_attention(
     are skipped, not computed and masked.
 
     ```python
-    mesh = jax.make_mesh((4,), ("seq",))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("seq",))
 
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=P("seq"), out_specs=P("seq"))
     def attend(q, k, v):
@@ -84,13 +83,15 @@ def ring_attention(
     `i + 1` of the `n` ring steps, but the ring advances in lockstep, so every step costs as
     much as a full block and causality saves no time. `layout="zigzag"` fixes this: cut the
     sequence into `2n` chunks and give device `i` chunks `i` and `2n - 1 - i`; then on every
-    step every device has exactly half a block of visible work, about twice as fast overall.
+    step every device has exactly half a block of visible work, half that of non-causal
+    attention.
     Reorder the sequence into that layout with [`eqx_attention.to_zigzag`][] before sharding
     (once, e.g. on token ids and targets in the data pipeline; everything but attention is
     position-wise) and restore it with [`eqx_attention.from_zigzag`][]. Position-dependent
     layers such as rotary embeddings must then be given the reordered positions,
-    [`eqx_attention.zigzag_indices`][]. Masks, windows and segment ids always refer to the
-    original positions; `ring_attention` handles the reordering.
+    [`eqx_attention.zigzag_indices`][]. Segment ids belong to tokens and are reordered with
+    them; causality, windows, lengths and the positions given to `mask_mod`/`score_mod`
+    refer to the original order, which `ring_attention` reconstructs.
 
     **Arguments:**
 
@@ -237,7 +238,7 @@ def shard_heads(tree: PyTree, mesh: Mesh, axis_name: str) -> PyTree:
     another axis of the same mesh:
 
     ```python
-    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
     model = eqx_attention.shard_heads(model, mesh, "model")
     x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))  # (batch, seq, dim)
     ```
