@@ -86,12 +86,9 @@ def _inverse_frequencies(
     return inv_freq
 
 
-def _check_positions(positions: Array | None, seq: int) -> Array:
-    if positions is None:
-        return jnp.arange(seq, dtype=jnp.int32)
-    if positions.shape != (seq,):
-        raise ValueError(f"positions must have shape ({seq},), got {positions.shape}")
-    return positions
+def _default_positions(positions: Array | None, seq: int) -> Array:
+    # The shape of given positions is checked against `x` by the jaxtyping annotations.
+    return jnp.arange(seq, dtype=jnp.int32) if positions is None else positions
 
 
 class RotaryPositionalEmbedding(eqx.Module):
@@ -166,7 +163,7 @@ class RotaryPositionalEmbedding(eqx.Module):
             raise ValueError(f"theta must be positive, got theta={theta}")
         self.embedding_size = embedding_size
         self.theta = float(theta)
-        self.dtype = jnp.zeros((), dtype).dtype if dtype is not None else _default_float()
+        self.dtype = _default_float() if dtype is None else jnp.dtype(dtype)
         self.interleaved = interleaved
         self.rotary_size = rotary_size
         self.scaling = scaling
@@ -189,7 +186,7 @@ class RotaryPositionalEmbedding(eqx.Module):
             raise ValueError(
                 f"x.shape[-1] must equal embedding_size={self.embedding_size}, got {size}"
             )
-        positions = _check_positions(positions, seq)
+        positions = _default_positions(positions, seq)
         if self.rotary_size == 0:
             return x
         inv_freq = jnp.asarray(
@@ -246,7 +243,7 @@ class SinusoidalPositionalEmbedding(eqx.Module):
             raise ValueError(f"max_timescale must be positive, got max_timescale={max_timescale}")
         self.embedding_size = embedding_size
         self.max_timescale = float(max_timescale)
-        self.dtype = jnp.zeros((), dtype).dtype if dtype is not None else _default_float()
+        self.dtype = _default_float() if dtype is None else jnp.dtype(dtype)
 
     def encoding(self, positions: Positions) -> Float[Array, "seq embedding_size"]:
         """**Arguments:**
@@ -282,9 +279,10 @@ class SinusoidalPositionalEmbedding(eqx.Module):
             raise ValueError(
                 f"x.shape[-1] must equal embedding_size={self.embedding_size}, got {size}"
             )
-        positions = _check_positions(positions, seq)
+        positions = _default_positions(positions, seq)
         return (x + self.encoding(positions)).astype(x.dtype)
 
 
-def _default_float():
-    return jnp.zeros(()).dtype
+def _default_float() -> np.dtype:
+    # float32, or float64 in 64-bit mode, without creating an array.
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
