@@ -126,16 +126,19 @@ def test_mask_figures(tmp_path):
     assert all(f"images/{name}" in text for name in committed)
 
 
-def test_plot_benchmarks(tmp_path):
+@pytest.mark.parametrize("wrapped", [True, False], ids=["object", "list"])
+def test_plot_benchmarks(tmp_path, wrapped):
+    # The shape benchmarks/attention.py writes; a bare list of rows is accepted too.
     rows = [
         {"implementation": impl, "T": t, "causal": causal, "fwd_ms": t / 100, "fwdbwd_ms": t / 30}
-        for impl in ("chunked", "xla", "jax.nn", "equinox-style")
+        for impl in ("eqx_attention", "eqx_attention[xla]", "jax.nn", "equinox-style")
         for t in (256, 1024, 4096)
         for causal in (False, True)
-        if not (impl == "equinox-style" and t == 4096)  # missing rows (e.g. out of memory)
+        if not (impl == "equinox-style" and t == 4096)  # a skipped measurement
     ]
+    data = {"backend": "cpu", "device": "TFRT_CPU_0", "dtype": "float32", "rows": rows}
     results = tmp_path / "attention.json"
-    results.write_text(json.dumps(rows))
+    results.write_text(json.dumps(data if wrapped else rows))
     out = tmp_path / "plot.png"
     subprocess.run(
         [sys.executable, DOCS / "scripts" / "plot_benchmarks.py", results, "--out", out],

@@ -3,9 +3,11 @@
     python docs/scripts/plot_benchmarks.py                    # the default paths below
     python docs/scripts/plot_benchmarks.py RESULTS --out PNG
 
-RESULTS is the JSON list that `benchmarks/attention.py` writes, one row per measurement:
-`{"implementation": "chunked", "T": 2048, "causal": false, "fwd_ms": 12.3, "fwdbwd_ms": 45.6}`.
-A missing or null time (out of memory, too slow) leaves a gap in that line. The figure has
+RESULTS is what `benchmarks/attention.py` writes: an object whose `rows` hold one
+measurement each, `{"implementation": "eqx_attention", "T": 2048, "causal": false,
+"fwd_ms": 12.3, "fwdbwd_ms": 45.6}`, next to facts about the run (`backend`, `device`,
+`dtype`) that go into the title. A bare JSON list of rows is accepted too. A missing row or
+a null time (out of memory, skipped as too slow) leaves a gap in that line. The figure has
 one panel per (pass, masking): forward and forward+backward, full and causal.
 """
 
@@ -23,30 +25,38 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "attention.json"
 DEFAULT_OUT = ROOT / "docs" / "images" / "benchmark_attention.png"
 
-# Ours first and solid; the anchors we compare against dashed, in fixed colours so the same
-# implementation looks the same in every panel and every regeneration.
+# This library's implementations solid, the anchors it is compared with dashed, each in a
+# fixed colour so an implementation looks the same in every panel and every regeneration.
 STYLES = {
-    "chunked": {"color": "tab:blue", "linestyle": "-", "marker": "o"},
-    "xla": {"color": "tab:green", "linestyle": "-", "marker": "s"},
-    "cudnn": {"color": "tab:purple", "linestyle": "-", "marker": "^"},
+    "eqx_attention": {"color": "tab:blue", "linestyle": "-", "marker": "o"},
+    "eqx_attention[chunked]": {"color": "tab:cyan", "linestyle": "-", "marker": "o"},
+    "eqx_attention[xla]": {"color": "tab:green", "linestyle": "-", "marker": "s"},
     "jax.nn": {"color": "tab:orange", "linestyle": "--", "marker": "D"},
+    "jax.nn[cudnn]": {"color": "tab:purple", "linestyle": "--", "marker": "^"},
     "equinox-style": {"color": "tab:red", "linestyle": "--", "marker": "v"},
 }
 PASSES = (("fwd_ms", "forward"), ("fwdbwd_ms", "forward + backward"))
 
 
-def load(path: pathlib.Path) -> list[dict]:
-    rows = json.loads(path.read_text())
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+def load(path: pathlib.Path) -> tuple[list[dict], dict]:
+    """The rows of a results file and the facts about the run (possibly none)."""
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        if not isinstance(data.get("rows"), list):
+            raise ValueError(f"{path}: expected a 'rows' list, got keys {sorted(data)}")
+        rows, meta = data["rows"], {k: v for k, v in data.items() if k != "rows"}
+    elif isinstance(data, list):
+        rows, meta = data, {}
+    else:
+        raise ValueError(f"{path}: expected a JSON object or list, got {type(data).__name__}")
     required = {"implementation", "T", "causal"}
     for i, row in enumerate(rows):
         if not required <= row.keys():
             raise ValueError(f"{path}: row {i} lacks {sorted(required - row.keys())}: {row}")
-    return rows
+    return rows, meta
 
 
-def plot(rows: list[dict], out: pathlib.Path) -> None:
+def plot(rows: list[dict], meta: dict, out: pathlib.Path) -> None:
     causal_values = sorted({bool(r["causal"]) for r in rows})
     implementations = sorted({r["implementation"] for r in rows}, key=_order)
     fig, axes = plt.subplots(
@@ -77,6 +87,9 @@ def plot(rows: list[dict], out: pathlib.Path) -> None:
             ax.set_title(f"{label}, {'causal' if causal else 'full'} attention", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
+    facts = [str(meta[k]) for k in ("device", "backend", "dtype") if k in meta]
+    if facts:
+        fig.suptitle(", ".join(facts), fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     # No software/version metadata: the same results always give the same bytes.
@@ -94,5 +107,5 @@ if __name__ == "__main__":
     parser.add_argument("results", type=pathlib.Path, nargs="?", default=DEFAULT_RESULTS)
     parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
     args = parser.parse_args()
-    plot(load(args.results), args.out)
+    plot(*load(args.results), args.out)
     print(args.out)
