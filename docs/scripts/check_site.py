@@ -31,7 +31,8 @@ import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-# (path, screenshot name, JavaScript expressions that must all be true once the page loaded).
+# (path, screenshot name, JavaScript expressions that must all be true once the page loaded,
+# element to scroll into view for the screenshot or None for the top of the page).
 PAGES = [
     (
         "/",
@@ -44,6 +45,7 @@ PAGES = [
             # Code blocks got syntax highlighting.
             "document.querySelectorAll('.highlight code .kn').length > 0",
         ],
+        None,
     ),
     (
         "/api/functional/",
@@ -57,6 +59,7 @@ PAGES = [
             "document.querySelector('.doc-contents').textContent.includes('Arguments:')",
             "document.querySelectorAll('.arithmatex').length > 0",
         ],
+        None,
     ),
     (
         "/api/attention/",
@@ -66,6 +69,7 @@ PAGES = [
             "document.getElementById('eqx_attention.MultiheadAttention') !== null",
             "document.getElementById('eqx_attention.MultiheadAttention.__call__') !== null",
         ],
+        None,
     ),
     (
         "/guides/masks/",
@@ -76,6 +80,7 @@ PAGES = [
             "[...document.querySelectorAll('article img')].every(i => i.complete"
             " && i.naturalWidth > 0)",
         ],
+        "article img",
     ),
 ]
 
@@ -174,7 +179,7 @@ class DevTools:
         os.close(self._from_chrome)
 
 
-def check_page(browser: str, base: str, path: str, name: str, checks: list[str], out: pathlib.Path):
+def check_page(browser, base, path, name, checks, scroll_to, out: pathlib.Path):
     """Open one page; return (fatal problems, notes)."""
     problems, notes = [], []
     own_host = urllib.parse.urlsplit(base).netloc
@@ -229,6 +234,14 @@ def check_page(browser: str, base: str, path: str, name: str, checks: list[str],
                 )
                 if result.get("exceptionDetails") or result["result"].get("value") is not True:
                     problems.append(f"content check failed: {check}")
+            if scroll_to is not None:
+                tools.send(
+                    "Runtime.evaluate",
+                    session=session,
+                    expression=f"document.querySelector({json.dumps(scroll_to)})"
+                    ".scrollIntoView({block: 'center'})",
+                )
+                tools.drain(0.5)
             shot = tools.send("Page.captureScreenshot", session=session, format="png")
             screenshot = out / f"{name}.png"
             screenshot.write_bytes(base64.b64decode(shot["data"]))
@@ -288,8 +301,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     failed = False
     with serve(args.site) as base:
-        for path, name, checks in PAGES:
-            problems, notes = check_page(browser, base, path, name, checks, args.out)
+        for path, name, checks, scroll_to in PAGES:
+            problems, notes = check_page(browser, base, path, name, checks, scroll_to, args.out)
             print(f"{'FAIL' if problems else 'ok'}  {path}")
             for line in problems:
                 print(f"    error: {line}")
