@@ -169,13 +169,11 @@ BATCH, SEQ, HEADS = 2, 13, 4
 # Each bias/mask broadcast shape appears once, alongside some other option.
 JAX_NN_CASES = {
     "plain": (HEADS, None, None, False, {}),
-    "bias": (HEADS, (HEADS, SEQ, SEQ), None, False, {}),
     "bias_mask_2d": (HEADS, (SEQ, SEQ), (SEQ, SEQ), False, {}),
     "broadcast_scale": (HEADS, (1, SEQ, SEQ), (HEADS, 1, SEQ), False, {"scale": 0.3}),
     "gqa_mask": (2, (HEADS, 1, SEQ), (HEADS, SEQ, SEQ), False, {}),
-    "mqa_causal": (1, None, None, False, {"is_causal": True}),
+    "mqa_window_int": (1, None, None, False, {"local_window_size": 2}),
     "lengths": (HEADS, None, None, True, {}),
-    "window_int": (HEADS, None, None, False, {"local_window_size": 2}),
     "window_tuple_bias": (HEADS, (HEADS, SEQ, SEQ), None, False, {"local_window_size": (5, 1)}),
     "causal_window": (HEADS, None, None, False, {"is_causal": True, "local_window_size": (4, 0)}),
     "all": (2, (HEADS, SEQ, SEQ), (1, SEQ, SEQ), True, {"is_causal": True, "scale": 0.5}),

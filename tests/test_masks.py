@@ -9,6 +9,16 @@ from flax import nnx
 import eqx_attention as ea
 
 
+# NumPy test data: eager `jax.random` calls compile anew for every shape.
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def _normal(rng, *shape):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+
+
 @pytest.mark.parametrize("n", [1, 2, 7])
 def test_causal_mask_square_is_lower_triangle(n):
     mask = ea.make_causal_mask(n)
@@ -35,12 +45,15 @@ def test_causal_mask_is_bottom_right_aligned():
 
 
 @pytest.mark.parametrize("q_len, kv_len", [(1, 6), (4, 6), (6, 6), (6, 4)])
-def test_causal_mask_matches_is_causal(q_len, kv_len, getkey):
-    q = jax.random.normal(getkey(), (q_len, 2, 4))
-    k = jax.random.normal(getkey(), (kv_len, 2, 4))
-    v = jax.random.normal(getkey(), (kv_len, 2, 4))
-    via_mask = ea.dot_product_attention(q, k, v, mask=ea.make_causal_mask(q_len, kv_len))
-    via_flag = ea.dot_product_attention(q, k, v, is_causal=True)
+def test_causal_mask_matches_is_causal(q_len, kv_len, rng):
+    q, k, v = _normal(rng, q_len, 2, 4), _normal(rng, kv_len, 2, 4), _normal(rng, kv_len, 2, 4)
+
+    @jax.jit
+    def both(q, k, v):
+        via_mask = ea.dot_product_attention(q, k, v, mask=ea.make_causal_mask(q_len, kv_len))
+        return via_mask, ea.dot_product_attention(q, k, v, is_causal=True)
+
+    via_mask, via_flag = both(q, k, v)
     np.testing.assert_allclose(via_mask, via_flag, atol=1e-6, rtol=1e-6)
 
 
@@ -76,10 +89,8 @@ def test_combine_masks_none_handling():
     np.testing.assert_array_equal(ea.combine_masks(None, a, None), a)
 
 
-def test_combine_masks_matches_flax(getkey):
-    a = jax.random.bernoulli(getkey(), 0.7, (3, 4, 5))
-    b = jax.random.bernoulli(getkey(), 0.7, (3, 4, 5))
-    c = jax.random.bernoulli(getkey(), 0.7, (1, 4, 5))
+def test_combine_masks_matches_flax(rng):
+    a, b, c = (jnp.asarray(rng.random(shape) < 0.7) for shape in [(3, 4, 5), (3, 4, 5), (1, 4, 5)])
     combined = ea.combine_masks(a, None, b, c)
     assert combined.dtype == jnp.bool_ and combined.shape == (3, 4, 5)
     np.testing.assert_array_equal(combined, nnx.combine_masks(a, None, b, c).astype(bool))
@@ -111,13 +122,16 @@ def test_cross_attention_mask():
     np.testing.assert_array_equal(mask, expected)
 
 
-def test_cross_attention_mask_zeroes_padded_queries(getkey):
+def test_cross_attention_mask_zeroes_padded_queries(rng):
     """Padded queries give zero rows; real rows match the sequence-length arguments."""
-    q = jax.random.normal(getkey(), (5, 2, 4))
-    k = jax.random.normal(getkey(), (7, 2, 4))
-    v = jax.random.normal(getkey(), (7, 2, 3))
-    mask = ea.cross_attention_mask(jnp.arange(5) < 3, jnp.arange(7) < 6)
-    out = ea.dot_product_attention(q, k, v, mask=mask)
-    ref = ea.dot_product_attention(q, k, v, query_seq_length=3, key_value_seq_length=6)
+    q, k, v = _normal(rng, 5, 2, 4), _normal(rng, 7, 2, 4), _normal(rng, 7, 2, 3)
+
+    @jax.jit
+    def both(q, k, v):
+        mask = ea.cross_attention_mask(jnp.arange(5) < 3, jnp.arange(7) < 6)
+        out = ea.dot_product_attention(q, k, v, mask=mask)
+        return out, ea.dot_product_attention(q, k, v, query_seq_length=3, key_value_seq_length=6)
+
+    out, ref = both(q, k, v)
     np.testing.assert_allclose(out, ref, atol=1e-6, rtol=1e-6)
     assert jnp.all(out[3:] == 0)
