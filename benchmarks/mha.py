@@ -252,6 +252,7 @@ def main(argv=None):
     parser.add_argument("--memory-lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--memory-budget-gib", type=float, default=8.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-speed", action="store_true", help="skip section 1")
     parser.add_argument("--memory-child", nargs=2, metavar=("T", "MODULE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -261,7 +262,8 @@ def main(argv=None):
         args.lengths, args.context, args.steps = [256], 128, 4
         args.memory_lengths, args.repeats = [1024], 1
     args.causal = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
-    speed_table(args)
+    if not args.skip_speed:
+        speed_table(args)
     decode_table(args)
     memory_table(args)
 
