@@ -36,13 +36,7 @@ class KVCache(eqx.Module):
         cls, max_length: int, num_kv_heads: int, qk_size: int, vo_size: int, dtype: DTypeLike
     ) -> "KVCache":
         """An empty cache of `max_length` slots."""
-        if max_length <= 0:
-            raise ValueError(f"max_length must be positive, got max_length={max_length}")
-        return cls(
-            jnp.zeros((max_length, num_kv_heads, qk_size), dtype),
-            jnp.zeros((max_length, num_kv_heads, vo_size), dtype),
-            jnp.zeros((), jnp.int32),
-        )
+        return cls(*_empty("max_length", max_length, num_kv_heads, qk_size, vo_size, dtype))
 
     @property
     def max_length(self) -> int:
@@ -106,13 +100,7 @@ class SlidingWindowKVCache(eqx.Module):
         cls, window: int, num_kv_heads: int, qk_size: int, vo_size: int, dtype: DTypeLike
     ) -> "SlidingWindowKVCache":
         """An empty ring buffer of `window` slots."""
-        if window <= 0:
-            raise ValueError(f"window must be positive, got window={window}")
-        return cls(
-            jnp.zeros((window, num_kv_heads, qk_size), dtype),
-            jnp.zeros((window, num_kv_heads, vo_size), dtype),
-            jnp.zeros((), jnp.int32),
-        )
+        return cls(*_empty("window", window, num_kv_heads, qk_size, vo_size, dtype))
 
     @property
     def window(self) -> int:
@@ -161,6 +149,17 @@ class SlidingWindowKVCache(eqx.Module):
 
 
 Cache = KVCache | SlidingWindowKVCache
+
+
+def _empty(name: str, slots: int, num_kv_heads: int, qk_size: int, vo_size: int, dtype):
+    """Zeroed keys and values of `slots` slots, and a length of zero."""
+    if slots <= 0:
+        raise ValueError(f"{name} must be positive, got {name}={slots}")
+    return (
+        jnp.zeros((slots, num_kv_heads, qk_size), dtype),
+        jnp.zeros((slots, num_kv_heads, vo_size), dtype),
+        jnp.zeros((), jnp.int32),
+    )
 
 
 def cache_mask(
