@@ -145,8 +145,6 @@ class CrossAttention(eqx.Module):
         - `dtype`: parameter dtype; defaults to the default float dtype.
         - `key`: PRNG key for the initialisation.
         """
-        if shape_for_attn not in ("q", "kv"):
-            raise ValueError(f"shape_for_attn must be 'q' or 'kv', got {shape_for_attn!r}")
         if qk_channels is None:
             qk_channels = query_size if shape_for_attn == "q" else kv_size
         if v_channels is None:
