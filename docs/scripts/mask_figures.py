@@ -118,7 +118,8 @@ def draw(panels: list[tuple[str, np.ndarray, bool]], path: pathlib.Path) -> None
     for ax, (title, matrix, is_weights) in zip(axes[0], panels, strict=True):
         q_seq, kv_seq = matrix.shape
         if is_weights:
-            ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0)
+            image = ax.imshow(matrix, cmap="viridis", vmin=0.0, vmax=1.0)
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="attention weight")
         else:
             ax.imshow(matrix, cmap="Blues", vmin=-0.3, vmax=1.0)
         # Grid lines between cells make individual (query, key) pairs countable.
