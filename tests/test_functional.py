@@ -604,7 +604,7 @@ def _draw_problem(data):
     """Shapes, options and random q/k/v of one example."""
     num_kv_heads, group = data.draw(st.sampled_from([(1, 2), (2, 1), (2, 2)]), label="heads")
     q_seq = data.draw(st.sampled_from([1, 6, 13]), label="q_seq")
-    kv_seq = data.draw(st.sampled_from([5, 13]), label="kv_seq")
+    kv_seq = data.draw(st.sampled_from([1, 5, 13]), label="kv_seq")
     is_causal = data.draw(st.booleans(), label="is_causal")
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     q, k, v = _qkv(rng, q_seq, kv_seq, num_kv_heads * group, num_kv_heads)
