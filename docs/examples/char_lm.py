@@ -475,7 +475,7 @@ def plot_attention(weights: np.ndarray, text: str, path: pathlib.Path, title: st
     import matplotlib.pyplot as plt
 
     num_heads = weights.shape[0]
-    cols = min(num_heads, 3)
+    cols = min(num_heads, 4)
     rows = -(-num_heads // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), squeeze=False)
     labels = [repr(c)[1:-1] for c in text]
