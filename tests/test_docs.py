@@ -20,9 +20,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = sorted([*DOCS.rglob("*.md"), ROOT / "README.md"])
 
-# A fenced block opens with ```python (possibly indented, inside an admonition) and closes
-# with a fence of the same indentation.
-_FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*$")
+# A fenced block opens with ```python (possibly indented, inside an admonition; possibly with
+# more backticks, to enclose a file that has fences of its own) and closes with the same
+# fence at the same indentation.
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,})(?P<lang>[\w+-]*)[^\n`]*$")
 _SNIPPET = re.compile(r'^--8<-- "[^"]+"$')
 _API_STUB = re.compile(r"^::: eqx_attention\.(\w+)\s*$", re.MULTILINE)
 
@@ -39,7 +40,7 @@ def python_blocks(path: pathlib.Path) -> list[tuple[int, str]]:
             continue
         indent = opening["indent"]
         end = i + 1
-        while end < len(lines) and lines[end].rstrip() != f"{indent}```":
+        while end < len(lines) and lines[end].rstrip() != indent + opening["fence"]:
             end += 1
         if end == len(lines):
             raise ValueError(f"{path}:{i + 1}: unclosed code fence")
@@ -94,9 +95,14 @@ def test_python_blocks_extraction(tmp_path):
     page = tmp_path / "page.md"
     page.write_text(
         "text\n```python\nx = 1\n```\n```bash\nls\n```\n!!! note\n\n    ```python\n"
-        '    y = x + 1\n    ```\n```python\n--8<-- "docs/examples/char_lm.py"\n```\n'
+        '    y = x + 1\n    ```\n````python\n--8<-- "docs/examples/char_lm.py"\n````\n'
+        '````python\nz = """\n```bash\nls\n```\n"""\n````\n'
     )
-    assert python_blocks(page) == [(3, "x = 1"), (11, "y = x + 1")]
+    assert python_blocks(page) == [
+        (3, "x = 1"),
+        (11, "y = x + 1"),
+        (17, 'z = """\n```bash\nls\n```\n"""'),
+    ]
 
 
 def test_every_public_name_is_documented():

@@ -82,6 +82,18 @@ PAGES = [
         ],
         "article img",
     ),
+    (
+        "/examples/char_lm/",
+        "example_char_lm",
+        [
+            # The included script is one code block (its docstring's own fences must not
+            # end it early): the usage block plus the source, and the source is all there.
+            "document.querySelectorAll('article div.highlight').length === 2",
+            "[...document.querySelectorAll('article div.highlight')].at(-1).textContent"
+            ".includes('import eqx_attention as ea')",
+        ],
+        None,
+    ),
 ]
 
 FLAGS = [
