@@ -204,7 +204,9 @@ def test_matches_jax_nn(impl, case, rng):
     q_len = lengths.get("query_seq_length")
     # jax.nn's padded query rows are not ours (it does not zero them): compare valid rows only,
     # and give the padded rows no cotangent so they do not feed jax.nn's k/v gradients.
-    valid = np.ones((BATCH, SEQ), bool) if q_len is None else np.arange(SEQ) < q_len[:, None]
+    valid = np.ones((BATCH, SEQ), bool)
+    if q_len is not None:
+        valid = np.arange(SEQ) < np.asarray(q_len)[:, None]
     cotangent = _normal(rng, *q.shape) * valid[:, :, None, None]
 
     def ours(q, k, v, bias=None):
@@ -410,6 +412,25 @@ def test_empty_rows_are_zero_with_zero_gradients(impl, case, rng):
     assert np.all(dbias[empty] == 0)
     if case == "kv_length_zero":
         assert np.all(dk == 0) and np.all(dv == 0)
+
+
+def test_infinite_bias_is_an_additive_mask(impl, rng):
+    """`-inf` in the bias hides a pair exactly as a `False` in the mask does, even a whole row."""
+    q, k, v = _qkv(rng, 9, 13, 4, 2)
+    mask = np.tril(np.ones((9, 13), bool), 4)
+    mask[3] = False
+    bias = jnp.where(jnp.asarray(mask), 0.0, -jnp.inf)
+    cotangent = _normal(rng, *q.shape)
+    ours = _attention(impl)
+    out, grads = _fwd_and_grads(ours, (q, k, v, bias), cotangent)
+    ref, ref_grads = _fwd_and_grads(
+        lambda *a: ours(*a, mask=jnp.asarray(mask)), (q, k, v), cotangent
+    )
+    _close(out, ref, FWD_TOL)
+    for g, ref_g in zip(grads, ref_grads, strict=False):
+        _close(g, ref_g, GRAD_TOL)
+    dbias = np.asarray(grads[3])
+    assert np.all(np.isfinite(dbias)) and np.all(dbias[~mask] == 0)
 
 
 # --------------------------------------------------------------------------------------
