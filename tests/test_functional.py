@@ -5,10 +5,11 @@ when `q_seq == kv_seq`, and `_oracle_probs` below, a few lines of einsum with ex
 position arithmetic, for what jax.nn lacks (bottom-right alignment with `q_seq != kv_seq`,
 segment ids, soft-capping, `vo_size != qk_size`, `mask_mod`, `score_mod`).
 
-The `impl` fixture runs a test on each CPU implementation. For `"chunked"` it shrinks the
-kernel's blocks so that the small shapes used here span several query and key blocks:
-partial last blocks, skipped causal/window blocks and empty query blocks all get exercised.
-`test_block_unaligned_shapes` covers the real block sizes.
+Every test runs each CPU implementation (through the `impl` fixture, or in a loop where one
+reference serves both). For `"chunked"` the kernel's blocks are shrunk so that the small
+shapes used here span several query and key blocks: partial last blocks, skipped
+causal/window blocks and empty query blocks all get exercised. `test_block_unaligned_shapes`
+covers the real block sizes.
 """
 
 import functools
@@ -145,19 +146,31 @@ def _attention(impl, **options):
     )
 
 
-def _compare_with_oracle(impl, rng, q, k, v, bias=None, mask=None, **options):
-    """Forward and gradients (w.r.t. q, k, v and bias) of `impl` against `_oracle`."""
-    ours = _attention(impl, **options)
+def _compare_with_oracle(
+    monkeypatch, rng, q, k, v, bias=None, mask=None, *, small_blocks=True, **options
+):
+    """Forward and gradients (w.r.t. q, k, v and bias) of each implementation against
+    `_oracle`, which is compiled once for all of them. Returns `{impl: (out, grads)}`.
+
+    `small_blocks=False` runs only `"chunked"`, with the kernel's real block sizes.
+    """
     cotangent = _normal(rng, q.shape[0], q.shape[1], v.shape[2])
     args = (q, k, v) if bias is None else (q, k, v, bias)
-    out, grads = _fwd_and_grads(lambda *a: ours(*a, mask=mask), args, cotangent)
     ref, ref_grads = _fwd_and_grads(lambda *a: _oracle(*a, mask=mask, **options), args, cotangent)
-    assert out.shape == ref.shape
-    _close(out, ref, FWD_TOL)
-    for name, g, ref_g in zip("qkvb", grads, ref_grads, strict=False):
-        assert g.shape == ref_g.shape
-        _close(g, ref_g, GRAD_TOL, err_msg=f"gradient w.r.t. {name}")
-    return out, grads
+    results = {}
+    for impl in IMPLEMENTATIONS if small_blocks else ("chunked",):
+        with monkeypatch.context() as patch:
+            if impl == "chunked" and small_blocks:
+                _use_small_blocks(patch)
+            ours = functools.partial(_attention(impl, **options), mask=mask)
+            out, grads = _fwd_and_grads(ours, args, cotangent)
+        assert out.shape == ref.shape
+        _close(out, ref, FWD_TOL, err_msg=impl)
+        for name, g, ref_g in zip("qkvb", grads, ref_grads, strict=False):
+            assert g.shape == ref_g.shape
+            _close(g, ref_g, GRAD_TOL, err_msg=f"{impl}: gradient w.r.t. {name}")
+        results[impl] = out, grads
+    return results
 
 
 # --------------------------------------------------------------------------------------
@@ -186,7 +199,8 @@ def _to_jax_nn(x):
 
 
 @pytest.mark.parametrize("case", list(JAX_NN_CASES))
-def test_matches_jax_nn(impl, case, rng):
+def test_matches_jax_nn(case, rng, monkeypatch):
+    # Both implementations in one test, so that the reference is compiled once.
     num_kv_heads, bias_shape, mask_shape, use_lengths, options = JAX_NN_CASES[case]
     examples = [_qkv(rng, SEQ, SEQ, HEADS, num_kv_heads) for _ in range(BATCH)]
     q, k, v = (jnp.stack(xs) for xs in zip(*examples, strict=True))
@@ -209,14 +223,6 @@ def test_matches_jax_nn(impl, case, rng):
         valid = np.arange(SEQ) < np.asarray(q_len)[:, None]
     cotangent = _normal(rng, *q.shape) * valid[:, :, None, None]
 
-    def ours(q, k, v, bias=None):
-        def one(q, k, v, bias, mask, lengths):
-            return ea.dot_product_attention(
-                q, k, v, bias, mask, implementation=impl, **lengths, **options
-            )
-
-        return jax.vmap(one)(q, k, v, bias, mask, lengths)
-
     def theirs(q, k, v, bias=None):
         return jax.nn.dot_product_attention(
             q, k, v, _to_jax_nn(bias), _to_jax_nn(mask),
@@ -229,14 +235,28 @@ def test_matches_jax_nn(impl, case, rng):
         )  # fmt: skip
 
     args = (q, k, v) if bias is None else (q, k, v, bias)
-    out, grads = _fwd_and_grads(ours, args, cotangent)
     ref, ref_grads = _fwd_and_grads(theirs, args, cotangent)
-    out, ref = np.asarray(out), np.asarray(ref)
-    _close(out[valid], ref[valid], FWD_TOL)
-    assert np.all(out[~valid] == 0)
-    for name, g, ref_g in zip("qkvb", grads, ref_grads, strict=False):
-        assert g.shape == ref_g.shape
-        _close(g, ref_g, GRAD_TOL, err_msg=f"gradient w.r.t. {name}")
+    ref = np.asarray(ref)
+    for impl in IMPLEMENTATIONS:
+        with monkeypatch.context() as patch:
+            if impl == "chunked":
+                _use_small_blocks(patch)
+
+            def ours(q, k, v, bias=None, impl=impl):
+                def one(q, k, v, bias, mask, lengths):
+                    return ea.dot_product_attention(
+                        q, k, v, bias, mask, implementation=impl, **lengths, **options
+                    )
+
+                return jax.vmap(one)(q, k, v, bias, mask, lengths)
+
+            out, grads = _fwd_and_grads(ours, args, cotangent)
+        out = np.asarray(out)
+        _close(out[valid], ref[valid], FWD_TOL, err_msg=impl)
+        assert np.all(out[~valid] == 0), impl
+        for name, g, ref_g in zip("qkvb", grads, ref_grads, strict=False):
+            assert g.shape == ref_g.shape
+            _close(g, ref_g, GRAD_TOL, err_msg=f"{impl}: gradient w.r.t. {name}")
 
 
 # --------------------------------------------------------------------------------------
@@ -263,9 +283,9 @@ CAUSAL_WINDOW_LENGTHS = {
     ],
     ids=["causal", "causal_tall", "window", "window_tall", "all_tall", "all_decode"],
 )
-def test_bottom_right_alignment(impl, q_seq, kv_seq, options, rng):
+def test_bottom_right_alignment(q_seq, kv_seq, options, rng, monkeypatch):
     q, k, v = _qkv(rng, q_seq, kv_seq, 4, 2)
-    _compare_with_oracle(impl, rng, q, k, v, **options)
+    _compare_with_oracle(monkeypatch, rng, q, k, v, **options)
 
 
 def test_bottom_right_causal_example(impl):
@@ -293,7 +313,7 @@ def _prefix_lm(q_pos, kv_pos):
 @pytest.mark.parametrize(
     "case", ["segments_vo_size", "softcap", "mask_mod", "score_mod", "everything"]
 )
-def test_options_jax_nn_lacks(impl, case, rng):
+def test_options_jax_nn_lacks(case, rng, monkeypatch):
     q_seq, kv_seq = 9, 13
     vo_size = 5 if case in ("segments_vo_size", "everything") else 8
     q, k, v = _qkv(rng, q_seq, kv_seq, 4, 2, qk_size=8, vo_size=vo_size)
@@ -312,7 +332,7 @@ def test_options_jax_nn_lacks(impl, case, rng):
     if case in ("score_mod", "everything"):
         options["score_mod"] = _alibi
     bias = _normal(rng, 4, 1, kv_seq) if case == "everything" else None
-    _compare_with_oracle(impl, rng, q, k, v, bias, **options)
+    _compare_with_oracle(monkeypatch, rng, q, k, v, bias, **options)
 
 
 def test_alibi_score_mod_equals_dense_bias(impl, rng):
@@ -351,11 +371,11 @@ def test_softcap_bounds_logits(impl, rng):
         (1, 700, {"local_window_size": (100, 0)}),
     ],
 )
-def test_block_unaligned_shapes(q_seq, kv_seq, options, rng):
+def test_block_unaligned_shapes(q_seq, kv_seq, options, rng, monkeypatch):
     # The kernel's own block sizes, which these shapes straddle.
     assert q_seq % kernels.BLOCK_Q or kv_seq % kernels.BLOCK_K, "shapes should straddle blocks"
     q, k, v = _qkv(rng, q_seq, kv_seq, 2, 1)
-    _compare_with_oracle("chunked", rng, q, k, v, **options)
+    _compare_with_oracle(monkeypatch, rng, q, k, v, small_blocks=False, **options)
 
 
 @pytest.mark.parametrize("seq", [16, 300])
@@ -379,7 +399,7 @@ def test_cudnn_raises_off_gpu(dtype, rng):
 
 
 @pytest.mark.parametrize("case", ["mask", "query_length", "kv_length_zero", "causal_tall"])
-def test_empty_rows_are_zero_with_zero_gradients(impl, case, rng):
+def test_empty_rows_are_zero_with_zero_gradients(case, rng, monkeypatch):
     (q_seq, kv_seq), heads = ((13, 6) if case == "causal_tall" else (13, 13)), 4
     q, k, v = _qkv(rng, q_seq, kv_seq, heads, 2)
     bias = _normal(rng, heads, q_seq, kv_seq)
@@ -403,15 +423,16 @@ def test_empty_rows_are_zero_with_zero_gradients(impl, case, rng):
         options["is_causal"] = True
         empty[:, : q_seq - kv_seq] = True
     mask = None if mask is None else jnp.asarray(mask)
-    out, grads = _compare_with_oracle(impl, rng, q, k, v, bias, mask, **options)
-    dq, dk, dv, dbias = (np.asarray(g) for g in grads)
+    results = _compare_with_oracle(monkeypatch, rng, q, k, v, bias, mask, **options)
     rows = empty.T  # [query, head], as in the output
-    assert np.all(np.asarray(out)[rows] == 0)
-    assert all(np.all(np.isfinite(g)) for g in (dq, dk, dv, dbias))
-    assert np.all(dq[rows] == 0)
-    assert np.all(dbias[empty] == 0)
-    if case == "kv_length_zero":
-        assert np.all(dk == 0) and np.all(dv == 0)
+    for impl, (out, grads) in results.items():
+        dq, dk, dv, dbias = (np.asarray(g) for g in grads)
+        assert np.all(np.asarray(out)[rows] == 0), impl
+        assert all(np.all(np.isfinite(g)) for g in (dq, dk, dv, dbias)), impl
+        assert np.all(dq[rows] == 0), impl
+        assert np.all(dbias[empty] == 0), impl
+        if case == "kv_length_zero":
+            assert np.all(dk == 0) and np.all(dv == 0), impl
 
 
 def test_infinite_bias_is_an_additive_mask(impl, rng):
