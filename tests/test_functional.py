@@ -491,13 +491,11 @@ def test_value_dtype_decides_output_dtype(impl, rng):
 # Dropout.
 
 
-@functools.partial(jax.jit, static_argnames=("impl", "dropout_p", "num_keys", "is_causal"))
-def _keep_masks(base_key, impl, dropout_p, num_keys, is_causal=False):
+def _keep_masks(base_key, impl, dropout_p, num_keys):
     """Read dropout keep-masks back through the public API, for `num_keys` dropout keys.
 
     Zero queries make every weight 1/kv_seq and one-hot values route weight (t, s) to output
-    channel s, so `out * kv_seq * (1 - p)` is the 0/1 keep-mask, `[q_seq, heads, kv_seq]`
-    (zero where the pair is masked).
+    channel s, so `out * kv_seq * (1 - p)` is the 0/1 keep-mask, `[q_seq, heads, kv_seq]`.
     """
     q_seq, kv_seq, heads = 16, 32, 2
     q = jnp.zeros((q_seq, heads, 4))
@@ -506,12 +504,11 @@ def _keep_masks(base_key, impl, dropout_p, num_keys, is_causal=False):
 
     def keep(dropout_key):
         out = ea.dot_product_attention(
-            q, k, v, dropout_p=dropout_p, dropout_key=dropout_key, implementation=impl,
-            is_causal=is_causal,
-        )  # fmt: skip
+            q, k, v, dropout_p=dropout_p, dropout_key=dropout_key, implementation=impl
+        )
         return out * kv_seq * (1 - dropout_p)
 
-    return jax.vmap(keep)(jax.random.split(base_key, num_keys))
+    return jax.jit(lambda key: jax.vmap(keep)(jax.random.split(key, num_keys)))(base_key)
 
 
 def test_dropout_mask_is_binary_with_keep_fraction(impl, getkey):
