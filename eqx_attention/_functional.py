@@ -97,10 +97,24 @@ def dot_product_attention(
     Array of shape `(q_seq, num_heads, vo_size)` with the dtype of `value`.
     """
     spec, q, k, v, bias4 = _prepare(
-        query, key, value, bias, mask, scale, is_causal, query_seq_length,
-        key_value_seq_length, local_window_size, query_segment_ids, kv_segment_ids,
-        logit_softcap, mask_mod, score_mod, dropout_p, dropout_key,
-    )  # fmt: skip
+        query,
+        key,
+        value,
+        bias=bias,
+        mask=mask,
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_length=query_seq_length,
+        key_value_seq_length=key_value_seq_length,
+        local_window_size=local_window_size,
+        query_segment_ids=query_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        logit_softcap=logit_softcap,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        dropout_p=dropout_p,
+        dropout_key=dropout_key,
+    )
     impl = choose_implementation(spec, query.dtype, implementation, query.shape[2], value.shape[2])
     if impl == "cudnn":
         return cudnn_attention(query, key, value, bias, mask, spec)
@@ -141,19 +155,48 @@ def dot_product_attention_weights(
     Float32 array of shape `(num_heads, q_seq, kv_seq)`; each visible row sums to one.
     """
     spec, q, k, _, bias4 = _prepare(
-        query, key, key, bias, mask, scale, is_causal, query_seq_length,
-        key_value_seq_length, local_window_size, query_segment_ids, kv_segment_ids,
-        logit_softcap, mask_mod, score_mod, 0.0, None,
-    )  # fmt: skip
+        query,
+        key,
+        key,
+        bias=bias,
+        mask=mask,
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_length=query_seq_length,
+        key_value_seq_length=key_value_seq_length,
+        local_window_size=local_window_size,
+        query_segment_ids=query_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        logit_softcap=logit_softcap,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        dropout_p=0.0,
+        dropout_key=None,
+    )
     probs = xla_probs(q, k, spec, bias4)
     return probs.reshape(spec.num_heads, spec.q_seq, spec.kv_seq)
 
 
 def _prepare(
-    query, key, value, bias, mask, scale, is_causal, query_seq_length, key_value_seq_length,
-    local_window_size, query_segment_ids, kv_segment_ids, logit_softcap, mask_mod, score_mod,
-    dropout_p, dropout_key,
-):  # fmt: skip
+    query,
+    key,
+    value,
+    *,
+    bias,
+    mask,
+    scale,
+    is_causal,
+    query_seq_length,
+    key_value_seq_length,
+    local_window_size,
+    query_segment_ids,
+    kv_segment_ids,
+    logit_softcap,
+    mask_mod,
+    score_mod,
+    dropout_p,
+    dropout_key,
+):
     """Validate the arguments; build the spec and the kernels' `[K, G, T, D]` layout."""
     q_seq, num_heads, qk_size = query.shape
     kv_seq, num_kv_heads, _ = key.shape

@@ -139,10 +139,24 @@ def ring_attention(
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_sizes must be positive, got block_sizes={(block_q, block_k)}")
     spec, q, k, v, _ = _prepare(
-        query, key, value, None, None, scale, is_causal, query_seq_length,
-        key_value_seq_length, local_window_size, query_segment_ids, kv_segment_ids,
-        logit_softcap, mask_mod, score_mod, dropout_p, dropout_key,
-    )  # fmt: skip
+        query,
+        key,
+        value,
+        bias=None,
+        mask=None,
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_length=query_seq_length,
+        key_value_seq_length=key_value_seq_length,
+        local_window_size=local_window_size,
+        query_segment_ids=query_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        logit_softcap=logit_softcap,
+        mask_mod=mask_mod,
+        score_mod=score_mod,
+        dropout_p=dropout_p,
+        dropout_key=dropout_key,
+    )
     # The spec describes the whole sequence; segment ids are only ever held in slices, so
     # they are compared block by block here and passed to the spec as a block mask instead.
     spec = dataclasses.replace(
@@ -359,16 +373,16 @@ def _hidden(spec: AttentionSpec, q_idx, kv_idx):
     Uses only the tile's index bounds, which come from the device index and never from
     data, so the decision stays un-batched under `jax.vmap` and the skip is real.
     """
-    if not spec.is_causal and spec.window is None:
+    left, right = spec.reach()
+    if left is None and right is None:
         return None
-    # A query at position p sees keys up to p + right (right = 0 when causal).
-    rights = ([0] if spec.is_causal else []) + ([spec.window[1]] if spec.window else [])
-    right = min(rights)
     q_first, q_last = jnp.min(q_idx) + spec.offset, jnp.max(q_idx) + spec.offset
     kv_first, kv_last = jnp.min(kv_idx), jnp.max(kv_idx)
-    hidden = kv_first > q_last + right
-    if spec.window is not None:
-        hidden = hidden | (kv_last < q_first - spec.window[0])
+    hidden = jnp.bool_(False)
+    if right is not None:
+        hidden = hidden | (kv_first > q_last + right)
+    if left is not None:
+        hidden = hidden | (kv_last < q_first - left)
     return hidden
 
 

@@ -49,6 +49,8 @@ class AttentionSpec(eqx.Module):
     q_segment_ids: Int[Array, " q_seq"] | None
     kv_segment_ids: Int[Array, " kv_seq"] | None
     dropout_seed: UInt32[Array, "2"] | None
+    # Set when a kernel works on one key/value head at a time: which one it is.
+    kv_head: Int[Array, ""] | None = None
 
     @property
     def offset(self) -> int:
@@ -60,10 +62,12 @@ class AttentionSpec(eqx.Module):
         return self.num_heads // self.num_kv_heads
 
     @property
-    def head_index(self) -> Int[Array, "K G 1 1"]:
-        return jnp.arange(self.num_heads, dtype=jnp.int32).reshape(
-            self.num_kv_heads, self.group, 1, 1
-        )
+    def head_index(self) -> Int[Array, "_ G 1 1"]:
+        """Query-head index of each `[K, G]` slot (of the one `kv_head`, when set)."""
+        heads = jnp.arange(self.num_heads, dtype=jnp.int32).reshape(self.num_kv_heads, self.group)
+        if self.kv_head is not None:
+            heads = jax.lax.dynamic_slice_in_dim(heads, self.kv_head, 1, axis=0)
+        return heads[:, :, None, None]
 
     def scores(
         self,
@@ -122,7 +126,7 @@ class AttentionSpec(eqx.Module):
             (None,) * (4 - ok.ndim)
         ]
 
-    def keep(self, q_idx: Int[Array, " bq"], kv_idx: Int[Array, " bk"]) -> Bool[Array, "K G bq bk"]:
+    def keep(self, q_idx: Int[Array, " bq"], kv_idx: Int[Array, " bk"]) -> Bool[Array, "_ G bq bk"]:
         """Dropout keep-mask: a counter-based hash of (seed, head, query, key).
 
         Being a pure function of absolute indices, the mask is identical in every
@@ -143,7 +147,7 @@ class AttentionSpec(eqx.Module):
         data = (self.mask, self.q_length, self.kv_length, self.q_segment_ids, self.mask_mod)
         return all(x is None for x in data)
 
-    def _reach(self):
+    def reach(self) -> tuple[int | None, int | None]:
         """A query at position p sees keys in [p - left, p + right]; None = unlimited."""
         left = right = None
         if self.is_causal:
@@ -161,7 +165,7 @@ class AttentionSpec(eqx.Module):
         keys outside the first range and evaluate no mask inside the second. The bounds depend
         only on loop indices, so they stay un-batched under `jax.vmap`.
         """
-        left, right = self._reach()
+        left, right = self.reach()
         first = q_start + self.offset
         last = first + block_q - 1
         lo = 0 if left is None else jnp.clip(first - left, 0, self.kv_seq)
@@ -176,7 +180,7 @@ class AttentionSpec(eqx.Module):
         The transpose of [`kv_ranges`][]: rows that may see some key of the block, and rows that
         see all of them. A key c is seen by positions p with c - right <= p <= c + left.
         """
-        left, right = self._reach()
+        left, right = self.reach()
         first, last = kv_start, kv_start + block_k - 1
         lo = 0 if right is None else jnp.clip(first - right - self.offset, 0, self.q_seq)
         hi = self.q_seq if left is None else jnp.clip(last + left + 1 - self.offset, 0, self.q_seq)

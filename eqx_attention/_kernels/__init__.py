@@ -1,7 +1,7 @@
 """Attention implementations behind `dot_product_attention`'s one entry point."""
 
 from .._spec import AttentionSpec
-from ._chunked import chunked_attention as _chunked
+from ._chunked import chunked_attention as _blockwise
 from ._cudnn import cudnn_attention as cudnn_attention, cudnn_unsupported
 from ._xla import xla_attention as xla_attention, xla_probs as xla_probs
 
@@ -19,7 +19,7 @@ XLA_MAX_LOGITS = 256 * 256
 
 
 def chunked_attention(q, k, v, spec: AttentionSpec, bias):
-    return _chunked(q, k, v, spec, bias, BLOCK_Q, BLOCK_K, FINE_Q, FINE_K)
+    return _blockwise(q, k, v, spec, bias, BLOCK_Q, BLOCK_K, FINE_Q, FINE_K)
 
 
 def choose_implementation(
