@@ -7,15 +7,16 @@ from ._xla import xla_attention as xla_attention, xla_probs as xla_probs
 
 IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
 
-# Measured on a 2-core AVX-512 CPU (benchmarks/attention.py): 512-key blocks run about twice
-# as fast as 128-key ones; smaller query blocks let causal attention skip more work.
-BLOCK_Q = 256
+# Measured on a 2-core AVX-512 CPU (benchmarks/attention.py): 512 x 512 tiles run about twice
+# as fast per logit as 128-wide ones, and one key/value head at a time keeps them in cache.
+BLOCK_Q = 512
 BLOCK_K = 512
-# Finer steps along the edges of causal/window patterns, so skipping wastes little.
-FINE_Q = 128
-FINE_K = 128
-# Below this many logits per head the one-shot reference beats the blockwise loop.
-XLA_MAX_LOGITS = 256 * 256
+# Finer steps along the edges of causal/window patterns, so skipping wastes less.
+FINE_Q = 256
+FINE_K = 256
+# Up to this many logits per head the one-shot reference beats the blockwise loop (at 256 x
+# 256 its backward pass is already 3x slower than the blockwise one on CPU).
+XLA_MAX_LOGITS = 128 * 128
 
 
 def chunked_attention(q, k, v, spec: AttentionSpec, bias):
@@ -28,7 +29,7 @@ def choose_implementation(
     """Resolve `implementation=None` and check an explicit choice.
 
     The automatic rule: cuDNN on a GPU whenever it supports the configuration; otherwise the
-    materialising `"xla"` reference for small problems (at most 256 x 256 logits per head),
+    materialising `"xla"` reference for small problems (at most 128 x 128 logits per head),
     where one fused softmax beats a loop; otherwise the blockwise `"chunked"` kernel.
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
