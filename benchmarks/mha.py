@@ -31,6 +31,7 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from attention import best_time  # the sibling script: one timing rule for every table
 from flax import nnx
 
 import eqx_attention as ea
@@ -72,16 +73,6 @@ def forward_fns(causal: bool):
 
 def _loss(apply):
     return lambda params, x: jnp.sum(apply(params, x) ** 2)
-
-
-def best_time(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def speed_table(args):
