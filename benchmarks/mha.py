@@ -23,7 +23,6 @@ Everything is measured in one run on the current machine, float32, 512 features,
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -31,7 +30,10 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from attention import best_time  # the sibling script: one timing rule for every table
+from attention import (  # the sibling script: one timing rule for every table
+    best_time,
+    peak_memory_mib,
+)
 from flax import nnx
 
 import eqx_attention as ea
@@ -199,8 +201,7 @@ def memory_child(length, name):
     start = time.perf_counter()
     jax.block_until_ready(fn(params, x))
     seconds = time.perf_counter() - start
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(dict(peak_mib=peak_mib, seconds=seconds)))
+    print(json.dumps(dict(peak_mib=peak_memory_mib(), seconds=seconds)))
 
 
 def memory_table(args):
