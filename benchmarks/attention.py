@@ -181,6 +181,20 @@ def memory_child(length, implementation):
     print(json.dumps(dict(peak_mib=peak_memory_mib(), seconds=seconds)))
 
 
+def run_memory_child(script, length, name):
+    """Run `script --memory-child length name` in a fresh process.
+
+    **Returns:** its `{"peak_mib", "seconds"}` result, or a string saying why it failed.
+    """
+    out = subprocess.run(
+        [sys.executable, script, "--memory-child", str(length), name],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        return (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def memory_table(args):
     lengths = [4096, 16384] + ([65536] if args.long else [])
     print("\npeak process memory, causal fwd+bwd, batch 1, 8 heads of 64, float32")
@@ -191,14 +205,10 @@ def memory_table(args):
             if name == "jax.nn" and logits_gib > 4:
                 print(f"  T={length:>6} {name:<14} skipped: logits alone need {logits_gib:.0f} GiB")
                 continue
-            out = subprocess.run(
-                [sys.executable, __file__, "--memory-child", str(length), name],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            if out.returncode != 0:
-                print(f"  T={length:>6} {name:<14} failed: {out.stderr.strip().splitlines()[-1]}")
+            result = run_memory_child(__file__, length, name)
+            if isinstance(result, str):
+                print(f"  T={length:>6} {name:<14} failed: {result}")
                 continue
-            result = json.loads(out.stdout.strip().splitlines()[-1])
             print(
                 f"  T={length:>6} {name:<14} peak {result['peak_mib']:>8.0f} MiB "
                 f"(logits would be {logits_gib * 1024:>8.0f} MiB), {result['seconds']:.1f} s"

@@ -23,16 +23,15 @@ Everything is measured in one run on the current machine, float32, 512 features,
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from attention import (  # the sibling script: one timing rule for every table
+from attention import (  # the sibling script: one timing and memory rule for every table
     best_time,
     peak_memory_mib,
+    run_memory_child,
 )
 from flax import nnx
 
@@ -219,15 +218,10 @@ def memory_table(args):
                     f"{logits_gib:.0f} GiB (budget {args.memory_budget_gib} GiB)"
                 )
                 continue
-            out = subprocess.run(
-                [sys.executable, __file__, "--memory-child", str(length), name],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            if out.returncode != 0:
-                lines = out.stderr.strip().splitlines() or [f"exit code {out.returncode}"]
-                print(f"  T={length:>6} {name:<14} failed: {lines[-1]}")
+            result = run_memory_child(__file__, length, name)
+            if isinstance(result, str):
+                print(f"  T={length:>6} {name:<14} failed: {result}")
                 continue
-            result = json.loads(out.stdout.strip().splitlines()[-1])
             print(
                 f"  T={length:>6} {name:<14} peak {result['peak_mib']:>8.0f} MiB, "
                 f"{result['seconds']:.1f} s (logits would be {logits_gib:.1f} GiB)"
