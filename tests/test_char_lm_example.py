@@ -4,6 +4,7 @@ import importlib.util
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -85,3 +86,15 @@ def test_validation_topics_are_held_out():
     assert len(paragraphs) > 50
     leaked = sum(len(p) for p in paragraphs if p in train)
     assert leaked < 0.01 * len(valid)
+
+
+def test_dropout_only_when_training(getkey):
+    corpus = char_lm.load_corpus()
+    config = char_lm.Config(corpus.vocab, "eqx_attention", 1, 24, 3, 1, 8, dropout=0.5)
+    model = char_lm.CharTransformer(config, key=getkey())
+    tokens = jnp.asarray(corpus.encode("for x in"))
+    evaluated, _ = model(tokens)
+    again, _ = model(tokens)
+    trained, _ = model(tokens, key=getkey())
+    np.testing.assert_array_equal(evaluated, again)
+    assert not np.allclose(evaluated, trained)
