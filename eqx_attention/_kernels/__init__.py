@@ -11,13 +11,11 @@ IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
 # as fast per logit as 128-wide ones, and one key/value head at a time keeps them in cache.
 BLOCK_Q = 512
 BLOCK_K = 512
-# Finer steps along the edges of causal/window patterns, so skipping wastes less: the
-# backward's 256-row query steps halve the work along a narrow window. The forward keeps
-# 512-wide key steps: a 512 x 256 tile is too small for XLA:CPU to spread well over the
-# cores and costs about 1.3x as much per logit as a 512 x 512 one, which loses again what
-# a causal diagonal skips (causal T=512 to 2048 run faster with whole-tile steps).
+# Finer steps where a causal/window range ends inside a coarse block, so skipping wastes
+# less there; ranges that end on the block grid (a causal diagonal) take whole blocks, which
+# cost less per logit (benchmarks/tiles.py).
 FINE_Q = 256
-FINE_K = 512
+FINE_K = 256
 # Up to this many logits per head the one-shot reference beats the blockwise loop (at 256 x
 # 256 its backward pass is already 3x slower than the blockwise one on CPU).
 XLA_MAX_LOGITS = 128 * 128

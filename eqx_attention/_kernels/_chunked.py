@@ -75,28 +75,44 @@ def _replace(spec: AttentionSpec, **changes) -> AttentionSpec:
 
 
 def _split(lo, hi, inner_lo, inner_hi, coarse: int, fine: int):
-    """Cover `[lo, hi)` with coarse blocks inside `[inner_lo, inner_hi)` and fine ones around.
+    """Cover `[lo, hi)` with coarse blocks, and fine ones only at ends off the coarse grid.
 
-    Returns three half-open block-index ranges: fine blocks before, coarse blocks, fine blocks
-    after. Masks are only evaluated on the fine blocks, which hug the edges of the pattern,
-    so little work is wasted on hidden pairs while interior blocks stay large and fast.
+    Returns five half-open block-index ranges: fine blocks from `lo` to the first coarse
+    boundary, masked coarse blocks, coarse blocks inside `[inner_lo, inner_hi)` (which need
+    no structural mask), masked coarse blocks, and fine blocks from the last coarse boundary
+    to `hi`. Fine blocks skip work only where a range ends inside a coarse block (a window's
+    edge); on the grid, one coarse block is cheaper than several fine ones (see
+    `benchmarks/tiles.py`), so a causal diagonal is always one masked coarse block.
     """
-    c_lo = -(-inner_lo // coarse)
-    c_hi = jnp.maximum(c_lo, inner_hi // coarse)
-    has_coarse = c_hi > c_lo
     ratio = coarse // fine
     f_lo, f_hi = lo // fine, -(-hi // fine)
-    before = (f_lo, jnp.where(has_coarse, jnp.maximum(f_lo, c_lo * ratio), f_hi))
-    after = (jnp.where(has_coarse, jnp.minimum(f_hi, c_hi * ratio), f_hi), f_hi)
-    return before, (c_lo, c_hi), after
+    grid_lo, grid_hi = -(-lo // coarse), hi // coarse
+    # A range inside one coarse block, off the grid at both ends, is all fine blocks.
+    on_grid = grid_lo <= grid_hi
+    grid_lo, grid_hi = jnp.where(on_grid, grid_lo, 0), jnp.where(on_grid, grid_hi, 0)
+    c_lo = jnp.clip(-(-inner_lo // coarse), grid_lo, grid_hi)
+    c_hi = jnp.clip(inner_hi // coarse, c_lo, grid_hi)
+    return (
+        (f_lo, jnp.where(on_grid, grid_lo * ratio, f_hi)),
+        (grid_lo, c_lo),
+        (c_lo, c_hi),
+        (c_hi, grid_hi),
+        (jnp.where(on_grid, grid_hi * ratio, f_hi), f_hi),
+    )
 
 
 def _run_blocks(ranges, coarse: int, fine: int, step, carry):
-    """Fold `step(start, width, interior, carry)` over the three ranges of [`_split`][]."""
-    (b_lo, b_hi), (c_lo, c_hi), (a_lo, a_hi) = _split(*ranges, coarse, fine)
-    carry = jax.lax.fori_loop(b_lo, b_hi, lambda j, c: step(j * fine, fine, False, c), carry)
-    carry = jax.lax.fori_loop(c_lo, c_hi, lambda j, c: step(j * coarse, coarse, True, c), carry)
-    return jax.lax.fori_loop(a_lo, a_hi, lambda j, c: step(j * fine, fine, False, c), carry)
+    """Fold `step(start, width, interior, carry)` over the five ranges of [`_split`][]."""
+    parts = _split(*ranges, coarse, fine)
+    widths = (fine, coarse, coarse, coarse, fine)
+    interior = (False, False, True, False, False)
+    for (lo, hi), width, inside in zip(parts, widths, interior, strict=True):
+
+        def body(j, c, width=width, inside=inside):
+            return step(j * width, width, inside, c)
+
+        carry = jax.lax.fori_loop(lo, hi, body, carry)
+    return carry
 
 
 def _visible(spec: AttentionSpec, interior: bool, q_idx, kv_idx, mask_blk, may_pad: bool):
