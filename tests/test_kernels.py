@@ -1,0 +1,47 @@
+"""Invariants of the blockwise kernel's tiling, checked directly on its block ranges."""
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from eqx_attention._kernels._chunked import _split
+
+COARSE, FINE = 8, 4
+
+
+@st.composite
+def ranges(draw):
+    """`lo <= inner_lo`, `inner_hi <= hi` (or an empty inner range), as the spec makes them."""
+    lo = draw(st.integers(0, 40))
+    hi = draw(st.integers(lo, 48))
+    inner_lo = draw(st.integers(lo, hi))
+    inner_hi = draw(st.integers(inner_lo, hi))
+    return lo, hi, inner_lo, inner_hi
+
+
+@settings(max_examples=200, deadline=None)
+@given(ranges())
+def test_split_covers_the_range_once_with_fine_steps_only_off_the_grid(r):
+    lo, hi, inner_lo, inner_hi = r
+    parts = [
+        tuple(int(x) for x in part) for part in _split(lo, hi, inner_lo, inner_hi, COARSE, FINE)
+    ]
+    widths = (FINE, COARSE, COARSE, COARSE, FINE)
+    covered = np.zeros(64, int)
+    for (start, stop), width in zip(parts, widths, strict=True):
+        for j in range(start, stop):
+            covered[j * width : (j + 1) * width] += 1
+    # Every key of [lo, hi) exactly once; beyond it, only the rest of a fine step.
+    assert np.all(covered[lo:hi] == 1)
+    assert np.all(covered <= 1)
+    assert covered[: lo // FINE * FINE].sum() == 0
+    assert covered[-(-hi // FINE) * FINE :].sum() == 0
+    # Unmasked coarse blocks lie inside the inner range; fine steps never fill a whole
+    # coarse block that the range covers (one coarse step is cheaper there).
+    (i_lo, i_hi) = parts[2]
+    if i_hi > i_lo:
+        assert inner_lo <= i_lo * COARSE and i_hi * COARSE <= inner_hi
+    for start, stop in (parts[0], parts[4]):
+        fine_keys = set(range(start * FINE, stop * FINE))
+        for block in range(64 // COARSE):
+            keys = set(range(block * COARSE, (block + 1) * COARSE))
+            assert not (keys <= fine_keys and lo <= block * COARSE and (block + 1) * COARSE <= hi)
