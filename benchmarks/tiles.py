@@ -40,9 +40,10 @@ def tile_loop(rows: int, cols: int, masked: bool):
 
     def one_example(q, k, v):
         def step(j, carry):
-            kv_idx = (j % 2) * (rows // 2) + jnp.arange(cols)
-            k_blk = jax.lax.dynamic_slice_in_dim(k, kv_idx[0], cols, axis=1)
-            v_blk = jax.lax.dynamic_slice_in_dim(v, kv_idx[0], cols, axis=1)
+            start = (j % 2) * (rows // 2)
+            kv_idx = start + jnp.arange(cols)
+            k_blk = jax.lax.dynamic_slice_in_dim(k, start, cols, axis=1)
+            v_blk = jax.lax.dynamic_slice_in_dim(v, start, cols, axis=1)
             visible = s.visible(q_idx, kv_idx, None) if masked else None
             return block_forward(carry, q, k_blk, v_blk, s, q_idx, kv_idx, None, visible)
 
