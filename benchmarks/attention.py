@@ -9,7 +9,9 @@ Run by hand (never part of the tests):
 Everything is measured in one run on the current machine: the library's default and "xla"
 implementations, `jax.nn.dot_product_attention`, and Equinox-style attention (a per-head
 einsum + softmax, `jax.vmap`ped over heads as `equinox.nn.MultiheadAttention` does), each
-with batch 2 via `jax.vmap`, 8 heads of 64, float32. GFLOP/s count the matmuls only:
+with batch 2 via `jax.vmap`, 8 heads of 64, float32. Each time is the best of `--repeats`
+runs, and for each length all of them (every implementation, causal or not, fwd and fwd+bwd)
+take turns, so that their ratios see the same machine load. GFLOP/s count the matmuls only:
 forward 4·B·H·T²·D, backward twice that, halved for causal attention; the machine's
 float32 matmul rate is measured alongside as the ceiling.
 """
@@ -79,14 +81,25 @@ def make_fns(attend, causal):
     return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def best_time(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
+def best_times(fns, *args, repeats):
+    """The best wall time of each function of the dict `fns`, running them in turns.
+
+    Taking turns puts every function under the same load, so the ratios between them hold
+    even when a shared machine's speed drifts during the run (by 10% or more here).
+    """
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))  # compile + warm up
+    best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def best_time(fn, *args, repeats):
+    return best_times({"": fn}, *args, repeats=repeats)[""]
 
 
 def matmul_gflops(repeats, dtype):
@@ -119,20 +132,23 @@ def speed_table(args):
     print("-" * len(header))
     for length in args.lengths:
         q, k, v = inputs(args.batch, length, args.heads, args.head_size, dtype)
+        fns = {}
         for causal in (False, True):
-            flops = 4 * args.batch * args.heads * length**2 * args.head_size
-            flops = flops / 2 if causal else flops
-            measured = {}
             for name, attend in IMPLEMENTATIONS.items():
                 if name == "equinox-style" and length > args.equinox_max_length:
                     continue
-                fwd, grad = make_fns(attend, causal)
-                measured[name] = (
-                    best_time(fwd, q, k, v, repeats=args.repeats),
-                    best_time(grad, q, k, v, repeats=args.repeats),
-                )
-            anchor_fwd, anchor_both = measured["jax.nn"]
-            for name, (t_fwd, t_both) in measured.items():
+                fns[name, causal, "fwd"], fns[name, causal, "fwd+bwd"] = make_fns(attend, causal)
+        # Causal and non-causal runs of every implementation take turns: see best_times.
+        seconds = best_times(fns, q, k, v, repeats=args.repeats)
+        for causal in (False, True):
+            flops = 4 * args.batch * args.heads * length**2 * args.head_size
+            flops = flops / 2 if causal else flops
+            anchor_fwd = seconds["jax.nn", causal, "fwd"]
+            anchor_both = seconds["jax.nn", causal, "fwd+bwd"]
+            for name in IMPLEMENTATIONS:
+                if (name, causal, "fwd") not in seconds:
+                    continue
+                t_fwd, t_both = seconds[name, causal, "fwd"], seconds[name, causal, "fwd+bwd"]
                 rows.append(
                     dict(implementation=name, T=length, causal=causal,
                          fwd_ms=t_fwd * 1e3, fwdbwd_ms=t_both * 1e3)
