@@ -435,6 +435,25 @@ def test_empty_rows_are_zero_with_zero_gradients(case, rng, monkeypatch):
             assert np.all(dk == 0) and np.all(dv == 0), impl
 
 
+def test_xla_second_derivatives(rng):
+    """The reference's softmax has its own JVP rule: Hessian-vector products still match
+    jax.nn's, and rows that see nothing stay at zero to second order."""
+    q, k, v = _qkv(rng, 13, 13, 4, 4)
+    mask = jnp.asarray(rng.random((13, 13)) < 0.7).at[:, 0].set(True)
+    direction = _normal(rng, *q.shape)
+
+    def hvp(attend, mask):
+        def loss(q):
+            return jnp.sum(jnp.sin(attend(q, k, v, mask=mask, is_causal=True)))
+
+        return jax.jvp(jax.grad(loss), (q,), (direction,))[1]
+
+    ours = functools.partial(ea.dot_product_attention, implementation="xla")
+    _close(hvp(ours, mask), hvp(jax.nn.dot_product_attention, mask[None]), GRAD_TOL)
+    hidden = hvp(ours, mask.at[5].set(False))
+    assert np.all(np.isfinite(hidden)) and np.all(np.asarray(hidden)[5] == 0)
+
+
 def test_infinite_bias_is_an_additive_mask(impl, rng):
     """`-inf` in the bias hides a pair exactly as a `False` in the mask does, even a whole row."""
     q, k, v = _qkv(rng, 9, 13, 4, 2)
