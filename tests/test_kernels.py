@@ -1,9 +1,15 @@
-"""Invariants of the blockwise kernel's tiling, checked directly on its block ranges."""
+"""The blockwise kernel's tiling, checked directly on its block ranges, and the automatic
+choice between kernels."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
+from eqx_attention._kernels import choose_implementation
 from eqx_attention._kernels._chunked import _split
+from eqx_attention._spec import AttentionSpec
 
 COARSE, FINE = 8, 4
 
@@ -45,3 +51,18 @@ def test_split_covers_the_range_once_with_fine_steps_only_off_the_grid(r):
         for block in range(64 // COARSE):
             keys = set(range(block * COARSE, (block + 1) * COARSE))
             assert not (keys <= fine_keys and lo <= block * COARSE and (block + 1) * COARSE <= hi)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN takes precedence on a GPU")
+@pytest.mark.parametrize(
+    "q_seq,kv_seq,expected",
+    [(256, 256, "xla"), (1, 65536, "xla"), (256, 257, "chunked"), (4096, 4096, "chunked")],
+)
+def test_automatic_choice_materialises_only_small_problems(q_seq, kv_seq, expected):
+    spec = AttentionSpec(
+        q_seq=q_seq, kv_seq=kv_seq, num_heads=2, num_kv_heads=2, scale=1.0, is_causal=True,
+        window=None, logit_softcap=None, dropout_p=0.0, mask_mod=None, score_mod=None,
+        mask=None, q_length=None, kv_length=None, q_segment_ids=None, kv_segment_ids=None,
+        dropout_seed=None,
+    )  # fmt: skip
+    assert choose_implementation(spec, jnp.float32, None, 64, 64) == expected
