@@ -105,7 +105,7 @@ class CrossAttention(eqx.Module):
       the output has `query_size` channels, so it can be added back to the query.
 
     ```python
-    attn = CrossAttention(1, 64, 19, shape_for_attn="kv", key=jax.random.key(0))
+    attn = eqx_attention.CrossAttention(1, 64, 19, shape_for_attn="kv", key=jax.random.key(0))
     attn(jnp.ones((16, 64)), jnp.ones((100, 19))).shape   # (16, 64)
     ```
     """
@@ -201,7 +201,7 @@ class SelfAttention(eqx.Module):
     A thin configuration of [`eqx_attention.MultiheadAttention`][] (field `attention`).
 
     ```python
-    attn = SelfAttention(8, 64, key=jax.random.key(0))
+    attn = eqx_attention.SelfAttention(8, 64, key=jax.random.key(0))
     attn(jnp.ones((16, 64))).shape   # (16, 64)
     ```
     """

@@ -27,7 +27,8 @@ class Encoding(eqx.Module):
 
     ```python
     image = jnp.ones((8, 8, 1))
-    enc = Encoding(positional_encoding=FourierPositionEncoding((8, 8), num_bands=4))
+    fourier = eqx_attention.FourierPositionEncoding((8, 8), num_bands=4)
+    enc = eqx_attention.Encoding(positional_encoding=fourier)
     enc(image).shape   # (64, 19): the pixel value and 18 Fourier features
     ```
     """
@@ -82,7 +83,8 @@ class Decoding(eqx.Module):
     """Decodes every position of a sequence, then postprocesses the whole sequence.
 
     ```python
-    dec = Decoding(eqx.nn.Linear(64, 3, key=key), lambda y: y.reshape(8, 8, 3))
+    linear = eqx.nn.Linear(64, 3, key=jax.random.key(0))
+    dec = eqx_attention.Decoding(linear, lambda y: y.reshape(8, 8, 3))
     dec(jnp.ones((64, 64))).shape   # (8, 8, 3)
     ```
     """
@@ -129,9 +131,9 @@ class EmbedDecoding(eqx.Module):
     To tie the weights for training, share the array with `equinox.nn.Shared`:
 
     ```python
-    embed = eqx.nn.Embedding(100, 32, key=key)
+    embed = eqx.nn.Embedding(100, 32, key=jax.random.key(0))
     shared = eqx.nn.Shared(
-        (embed, EmbedDecoding(embed.weight)),
+        (embed, eqx_attention.EmbedDecoding(embed.weight)),
         where=lambda pair: pair[1].embedding,
         get=lambda pair: pair[0].weight,
     )

@@ -13,7 +13,7 @@ class FeedForward(eqx.Module):
     every position independently.
 
     ```python
-    ff = FeedForward(64, widening_factor=4, key=jax.random.key(0))
+    ff = eqx_attention.FeedForward(64, widening_factor=4, key=jax.random.key(0))
     ff(jnp.ones((10, 64))).shape   # (10, 64)
     ```
     """

@@ -24,7 +24,7 @@ class FourierPositionEncoding(eqx.Module):
     `enc(positions)` equals `enc()[positions]`.
 
     ```python
-    enc = FourierPositionEncoding((8, 8), num_bands=4)
+    enc = eqx_attention.FourierPositionEncoding((8, 8), num_bands=4)
     enc().shape                       # (64, 18)
     enc(jnp.array([0, 9])).shape      # (2, 18): the features of pixels (0, 0) and (1, 1)
     ```

@@ -81,7 +81,7 @@ class LSTM(eqx.Module):
     the hidden state after the last step.
 
     ```python
-    lstm = LSTM(8, 32, key=jax.random.key(0))
+    lstm = eqx_attention.LSTM(8, 32, key=jax.random.key(0))
     lstm(jnp.ones((20, 8))).shape   # (32,)
     ```
     """

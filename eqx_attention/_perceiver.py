@@ -202,7 +202,8 @@ class PerceiverEncoder(eqx.Module):
     the result.
 
     ```python
-    encoder = PerceiverEncoder(19, num_latents=32, latent_size=64, key=jax.random.key(0))
+    encoder = eqx_attention.PerceiverEncoder(19, num_latents=32, latent_size=64,
+                                             key=jax.random.key(0))
     latents = encoder(jnp.ones((1000, 19)))   # (32, 64)
     ```
     """
@@ -457,11 +458,13 @@ class PerceiverIO(eqx.Module):
     [`eqx_attention.PerceiverDecoder`][].
 
     ```python
+    import eqx_attention as ea
+
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    pixels = Encoding(positional_encoding=FourierPositionEncoding((8, 8), num_bands=4))
-    encoder = PerceiverEncoder(19, num_latents=16, latent_size=64, key=k1)
-    decoder = PerceiverDecoder(TrainablePositionalEncoding(1, 64, key=k2), 64, 10, key=k3)
-    model = PerceiverIO(encoder, decoder, pixels)
+    pixels = ea.Encoding(positional_encoding=ea.FourierPositionEncoding((8, 8), num_bands=4))
+    encoder = ea.PerceiverEncoder(19, num_latents=16, latent_size=64, key=k1)
+    decoder = ea.PerceiverDecoder(ea.TrainablePositionalEncoding(1, 64, key=k2), 64, 10, key=k3)
+    model = ea.PerceiverIO(encoder, decoder, pixels)
     logits = model(jnp.ones((8, 8, 1)))[0]   # (10,)
     ```
     """

@@ -217,6 +217,8 @@ class SinusoidalPositionalEmbedding(eqx.Module):
     channel `2i + 1` the cosine of the same angle.
 
     ```python
+    seq = 10
+    token_embeddings = jax.random.normal(jax.random.key(0), (seq, 512))
     pos = eqx_attention.SinusoidalPositionalEmbedding(512)
     x = pos(token_embeddings)  # (seq, 512) -> (seq, 512)
     table = pos.encoding(jnp.arange(seq))  # the encoding alone

@@ -70,13 +70,19 @@ def ring_attention(
     are skipped, not computed and masked.
 
     ```python
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("seq",))
+    import functools
+
+    import numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()), ("seq",))
 
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=P("seq"), out_specs=P("seq"))
     def attend(q, k, v):
         return eqx_attention.ring_attention(q, k, v, axis_name="seq", is_causal=True)
 
-    out = attend(q, k, v)  # q: (seq, num_heads, qk_size), split over 4 devices
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 1024, 8, 64))
+    out = attend(q, k, v)  # q: (seq, num_heads, qk_size), split over the devices
     ```
 
     **Load balancing.** With `is_causal=True` and contiguous slices, device `i` has work on
@@ -252,9 +258,18 @@ def shard_heads(tree: PyTree, mesh: Mesh, axis_name: str) -> PyTree:
     another axis of the same mesh:
 
     ```python
-    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    model = eqx_attention.MultiheadAttention(8, 64, num_kv_heads=2, key=jax.random.key(0))
+    x = jnp.ones((16, 10, 64))  # (batch, seq, dim)
+
+    devices = np.array(jax.devices())
+    model_size = 2 if devices.size % 2 == 0 else 1  # a 4 x 2 mesh on 8 devices, 1 x 1 on one
+    mesh = Mesh(devices.reshape(-1, model_size), ("data", "model"))
     model = eqx_attention.shard_heads(model, mesh, "model")
-    x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))  # (batch, seq, dim)
+    x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    y = eqx.filter_jit(jax.vmap(model))(x)  # (batch, seq, dim), split like x
     ```
 
     **Arguments:**

@@ -21,7 +21,7 @@ class TrainablePositionalEncoding(eqx.Module):
     Perceiver IO uses one as its latent array and as the output queries of a decoder.
 
     ```python
-    enc = TrainablePositionalEncoding(16, 64, key=jax.random.key(0))
+    enc = eqx_attention.TrainablePositionalEncoding(16, 64, key=jax.random.key(0))
     enc().shape                    # (16, 64)
     enc(jnp.array([3, 5])).shape   # (2, 64)
     ```
