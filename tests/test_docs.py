@@ -30,8 +30,14 @@ _API_STUB = re.compile(r"^::: eqx_attention\.(\w+)\s*$", re.MULTILINE)
 
 def python_blocks(path: pathlib.Path) -> list[tuple[int, str]]:
     """`(first line number, code)` of each ```python block of a Markdown file."""
+    return python_blocks_in(path.read_text(), str(path))
+
+
+def python_blocks_in(text: str, source: str) -> list[tuple[int, str]]:
+    """`(first line number, code)` of each ```python block of Markdown text (a page, a
+    docstring); `source` names the text in errors."""
     blocks = []
-    lines = path.read_text().splitlines()
+    lines = text.splitlines()
     i = 0
     while i < len(lines):
         opening = _FENCE.match(lines[i])
@@ -43,7 +49,7 @@ def python_blocks(path: pathlib.Path) -> list[tuple[int, str]]:
         while end < len(lines) and lines[end].rstrip() != indent + opening["fence"]:
             end += 1
         if end == len(lines):
-            raise ValueError(f"{path}:{i + 1}: unclosed code fence")
+            raise ValueError(f"{source}:{i + 1}: unclosed code fence")
         body = [line[len(indent) :] for line in lines[i + 1 : end]]
         # A block that only includes a file (`--8<--` snippets, the example programs) shows
         # code that its own tests run.
