@@ -16,9 +16,10 @@ BLOCK_K = 512
 # cost less per logit (benchmarks/tiles.py).
 FINE_Q = 256
 FINE_K = 256
-# Up to this many logits per head the one-shot reference beats the blockwise loop, forward
-# and backward, on CPU; at 384 x 384 the blockwise kernel is ahead (benchmarks/attention.py).
-XLA_MAX_LOGITS = 256 * 256
+# Up to this many logits per head the one-shot reference beats the blockwise loop on CPU,
+# forward and backward (by 25-30% at 192 x 192); at 256 x 256 the two are even, within a few
+# percent either way depending on head count and size, and past that the loop is ahead.
+XLA_MAX_LOGITS = 192 * 192
 
 
 def chunked_attention(q, k, v, spec: AttentionSpec, bias):
@@ -31,7 +32,7 @@ def choose_implementation(
     """Resolve `implementation=None` and check an explicit choice.
 
     The automatic rule: cuDNN on a GPU whenever it supports the configuration; otherwise the
-    materialising `"xla"` reference for small problems (at most 256 x 256 logits per head),
+    materialising `"xla"` reference for small problems (at most 192 x 192 logits per head),
     where one fused softmax beats a loop; otherwise the blockwise `"chunked"` kernel.
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
