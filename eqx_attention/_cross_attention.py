@@ -3,12 +3,11 @@
 from typing import Any, Literal
 
 import equinox as eqx
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._functional import dot_product_attention
+from ._functional import MaskArray, dot_product_attention
 from ._mha import MultiheadAttention
 
-Mask = Bool[Array, "q_seq kv_seq"] | Bool[Array, "num_heads q_seq kv_seq"]
 Weights = Float[Array, "num_heads q_seq kv_seq"]
 
 
@@ -16,7 +15,7 @@ def attend(
     query: Float[Array, "q_seq num_heads qk_size"],
     key: Float[Array, "kv_seq num_heads qk_size"],
     value: Float[Array, "kv_seq num_heads v_size"],
-    mask: Mask | None = None,
+    mask: MaskArray | None = None,
     *,
     dropout_p: float = 0.0,
     key_: PRNGKeyArray | None = None,
@@ -33,8 +32,9 @@ def attend(
     - `query`: `(q_seq, num_heads, qk_size)`.
     - `key`: `(kv_seq, num_heads, qk_size)`.
     - `value`: `(kv_seq, num_heads, v_size)`.
-    - `mask`: optional boolean mask `(q_seq, kv_seq)` or `(num_heads, q_seq, kv_seq)`;
-      `False` hides a pair. See [`eqx_attention.cross_attention_mask`][].
+    - `mask`: optional boolean mask `(q_seq, kv_seq)` or `(num_heads, q_seq, kv_seq)`, any
+      axis possibly 1 to broadcast; `False` hides a pair. See
+      [`eqx_attention.cross_attention_mask`][].
     - `dropout_p`: dropout probability on the attention weights.
     - `key_`: PRNG key for dropout; required when `dropout_p > 0` and not `inference`.
     - `inference`: turn dropout off.
@@ -160,7 +160,7 @@ class CrossAttention(eqx.Module):
         self,
         query: Float[Array, "q_seq query_size"],
         kv: Float[Array, "kv_seq kv_size"],
-        mask: Mask | None = None,
+        mask: MaskArray | None = None,
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
@@ -171,8 +171,9 @@ class CrossAttention(eqx.Module):
 
         - `query`: `(q_seq, query_size)`.
         - `kv`: the sequence attended to, `(kv_seq, kv_size)`; it gives keys and values.
-        - `mask`: optional boolean `(q_seq, kv_seq)` or `(num_heads, q_seq, kv_seq)`; `False`
-          hides a pair, and a query that sees nothing gets the output projection of zeros.
+        - `mask`: optional boolean `(q_seq, kv_seq)` or `(num_heads, q_seq, kv_seq)`, any axis
+          possibly 1 to broadcast (`(1, kv_seq)` hides padded inputs); `False` hides a pair,
+          and a query that sees nothing gets the output projection of zeros.
         - `key`: PRNG key for dropout.
         - `inference`: overrides the module's `inference`.
         - `implementation`: forwarded to [`eqx_attention.dot_product_attention`][].
@@ -243,7 +244,7 @@ class SelfAttention(eqx.Module):
     def __call__(
         self,
         x: Float[Array, "seq size"],
-        mask: Bool[Array, "seq seq"] | Bool[Array, "num_heads seq seq"] | None = None,
+        mask: MaskArray | None = None,
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,

@@ -6,10 +6,15 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._cache import Cache, KVCache, SlidingWindowKVCache, cache_mask
-from ._functional import dot_product_attention, dot_product_attention_weights
+from ._functional import (
+    BiasArray,
+    MaskArray,
+    dot_product_attention,
+    dot_product_attention_weights,
+)
 from ._positional import RotaryPositionalEmbedding
 
 ProcessHeads = Callable[
@@ -24,8 +29,6 @@ ProcessHeads = Callable[
         Float[Array, "kv_seq num_kv_heads vo_size"],
     ],
 ]
-Mask = Bool[Array, "num_heads q_seq kv_seq"] | Bool[Array, "q_seq kv_seq"]
-Bias = Float[Array, "num_heads q_seq kv_seq"] | Float[Array, "q_seq kv_seq"]
 Output = Float[Array, "q_seq output_size"]
 Weights = Float[Array, "num_heads q_seq kv_seq"]
 
@@ -201,9 +204,9 @@ class MultiheadAttention(eqx.Module):
         query: Float[Array, "q_seq q_size"],
         key_: Float[Array, "kv_seq k_size"] | None = None,
         value: Float[Array, "kv_seq v_size"] | None = None,
-        mask: Mask | None = None,
+        mask: MaskArray | None = None,
         *,
-        bias: Bias | None = None,
+        bias: BiasArray | None = None,
         is_causal: bool = False,
         local_window_size: int | tuple[int, int] | None = None,
         key: PRNGKeyArray | None = None,
@@ -218,7 +221,8 @@ class MultiheadAttention(eqx.Module):
         - `query`: `(q_seq, query_size)`.
         - `key_`: `(kv_seq, key_size)`; defaults to `query` (self-attention).
         - `value`: `(kv_seq, value_size)`; defaults to `key_`.
-        - `mask`: optional boolean mask, `(q_seq, kv_seq)` or `(num_heads, q_seq, kv_seq)`;
+        - `mask`: optional boolean mask, `(q_seq, kv_seq)` or `(num_heads, q_seq, kv_seq)`,
+          where any axis may have size 1 to broadcast (`(1, kv_seq)` is a key-padding mask);
           `False` hides a pair. With a `KVCache`, `kv_seq` is the cache's `max_length`
           (slot `p` holds position `p`).
         - `bias`: optional float bias added to the logits, same shapes as `mask`.
@@ -455,14 +459,17 @@ class MultiheadAttention(eqx.Module):
             )
 
     def _check_mask(self, mask: Array | None, bias: Array | None, q_seq: int, kv_seq: int):
+        full = (self.num_heads, q_seq, kv_seq)
         for name, x in (("mask", mask), ("bias", bias)):
-            if x is not None and x.shape not in {
-                (q_seq, kv_seq),
-                (self.num_heads, q_seq, kv_seq),
-            }:
+            if x is None:
+                continue
+            fits = x.ndim in (2, 3) and all(
+                n in (1, e) for n, e in zip(x.shape, full[-x.ndim :], strict=True)
+            )
+            if not fits:
                 raise ValueError(
                     f"{name} must have shape (q_seq, kv_seq)={(q_seq, kv_seq)} or "
-                    f"(num_heads, q_seq, kv_seq)={(self.num_heads, q_seq, kv_seq)}, "
+                    f"(num_heads, q_seq, kv_seq)={full}, each axis possibly 1 to broadcast, "
                     f"got {x.shape}"
                 )
 

@@ -3,6 +3,7 @@ import io
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 from flax import nnx
@@ -224,6 +225,39 @@ def test_defaults_and_errors(getkey):
         square(q, cache=square.init_cache(10), bias=jnp.ones((3, 3)))
     with pytest.raises(ValueError, match="must not change the shapes"):
         square(q, process_heads=lambda q, k, v: (q, k[:1], v[:1]))
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (3, 1, 7), (1, 1, 7), (5, 1)])
+def test_broadcastable_mask_and_bias(shape, getkey):
+    """A mask or bias with size-1 axes (e.g. `(1, kv_seq)` for key padding) means its
+    broadcast to `(num_heads, q_seq, kv_seq)`, with or without a cache."""
+    mha = ea.MultiheadAttention(3, 12, num_kv_heads=1, key=getkey())
+    q, kv = jax.random.normal(getkey(), (5, 12)), jax.random.normal(getkey(), (7, 12))
+    mask = jax.random.bernoulli(getkey(), 0.7, shape)
+    bias = jax.random.normal(getkey(), shape)
+    full = (3, 5, 7)
+    expected = mha(q, kv, mask=jnp.broadcast_to(mask, full), bias=jnp.broadcast_to(bias, full))
+    np.testing.assert_allclose(mha(q, kv, mask=mask, bias=bias), expected, **TOL)
+    # Self-attention through a KVCache: the mask indexes the cache's 7 slots.
+    prefix = mha(kv[:2], cache=mha.init_cache(7))[1]
+    x = kv[2:]
+    cached, _ = mha(x, cache=prefix, mask=mask, bias=bias)
+    causal = jnp.arange(7)[None, :] <= jnp.arange(2, 7)[:, None]
+    dense = jnp.broadcast_to(mask, full) & causal
+    reference = mha(x, kv, mask=dense, bias=jnp.broadcast_to(bias, full))
+    np.testing.assert_allclose(cached, reference, **TOL)
+
+
+def test_mask_that_does_not_broadcast_is_an_error(getkey):
+    mha = ea.MultiheadAttention(3, 12, key=getkey())
+    q = jnp.ones((5, 12))
+    # The run-time type check already knows q_seq; the module checks the rest.
+    with pytest.raises(jaxtyping.TypeCheckError, match="mask"):
+        mha(q, mask=jnp.ones((2, 5), bool))
+    with pytest.raises(ValueError, match=r"mask must have shape .* got \(5, 3\)"):
+        mha(q, mask=jnp.ones((5, 3), bool))
+    with pytest.raises(ValueError, match=r"bias must have shape .* got \(2, 5, 5\)"):
+        mha(q, bias=jnp.ones((2, 5, 5)))
 
 
 def test_dropout(getkey):
