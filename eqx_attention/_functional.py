@@ -79,10 +79,11 @@ def dot_product_attention(
       of the key and the (head, query, key) indices only, so it is the same for every
       implementation.
     - `implementation`: `None` (automatic), `"xla"` (materialises the logits; the readable
-      reference), `"chunked"` (flash-style blocks, O(q_seq) memory, skips fully masked blocks)
-      or `"cudnn"` (GPU, half precision; raises a `ValueError` naming what it cannot do).
-      `None` picks cuDNN on a GPU when it supports the call, else `"xla"` for at most
-      192 x 192 logits per head, else `"chunked"`.
+      reference, differentiable in both modes), `"chunked"` (flash-style blocks, O(q_seq)
+      memory, skips fully masked blocks; reverse-mode differentiation only) or `"cudnn"`
+      (GPU, half precision; raises a `ValueError` naming what it cannot do). `None` picks
+      cuDNN on a GPU when it supports the call, else `"xla"` for at most 192 x 192 logits
+      per head, else `"chunked"`.
 
     Positions are **bottom-right aligned**: query row `i` sits at key position
     `kv_seq - q_seq + i`. With `q_seq == kv_seq` this is ordinary self-attention; with fewer
