@@ -212,7 +212,8 @@ def to_zigzag(x: Array, num_shards: int, *, axis: int = 0) -> Array:
     """Reorder the sequence axis of `x` into the zig-zag layout of `ring_attention`.
 
     Apply it to the whole sequence before sharding it over `num_shards` devices (see
-    [`eqx_attention.ring_attention`][]); [`eqx_attention.from_zigzag`][] undoes it.
+    [`eqx_attention.ring_attention`][]), or to an array already sharded over a mesh with
+    `Explicit` axes, which keeps its sharding; [`eqx_attention.from_zigzag`][] undoes it.
 
     **Arguments:**
 
@@ -224,7 +225,7 @@ def to_zigzag(x: Array, num_shards: int, *, axis: int = 0) -> Array:
 
     `x` with its sequence axis reordered.
     """
-    return jnp.take(x, zigzag_indices(x.shape[axis], num_shards), axis=axis)
+    return _reorder(x, zigzag_indices(x.shape[axis], num_shards), axis)
 
 
 def from_zigzag(x: Array, num_shards: int, *, axis: int = 0) -> Array:
@@ -240,8 +241,14 @@ def from_zigzag(x: Array, num_shards: int, *, axis: int = 0) -> Array:
 
     `x` in the original order.
     """
-    inverse = np.argsort(zigzag_indices(x.shape[axis], num_shards))
-    return jnp.take(x, inverse, axis=axis)
+    return _reorder(x, np.argsort(zigzag_indices(x.shape[axis], num_shards)), axis)
+
+
+def _reorder(x: Array, order: np.ndarray, axis: int) -> Array:
+    # A gather on an array sharded over `Explicit` mesh axes must name its output sharding;
+    # keeping the input's is what a reordering means (and is the default elsewhere).
+    index = (slice(None),) * axis + (order,)
+    return x.at[index].get(out_sharding=jax.typeof(x).sharding)
 
 
 def shard_heads(tree: PyTree, mesh: Mesh, axis_name: str) -> PyTree:

@@ -39,6 +39,10 @@ def test_multi_device():
     ring = {name: diff for name, diff in results.items() if name.startswith("ring_")}
     assert len(ring) == 5
     assert all(diff < TOL for diff in ring.values()), ring
+    # Zig-zag reordering of an array already sharded over an Explicit-axes mesh.
+    zigzag = results["zigzag_explicit"]
+    assert zigzag["diff"] == 0, zigzag
+    assert zigzag["specs"] == [str(P(None, "seq", None))] * 2, zigzag
     # Two optimiser steps with the batch sharded over 8 devices, then over 4 with the heads
     # split over the other 2, equal two steps on one device.
     assert results["data_parallel"]["diff"] < 1e-5, results["data_parallel"]
