@@ -2,9 +2,11 @@
 
 Run by hand (never part of the tests):
 
-    .venv/bin/python benchmarks/attention.py                 # speed table, ~5 min on 2 cores
+    .venv/bin/python benchmarks/attention.py                 # speed table, ~10 min on 2 cores
     .venv/bin/python benchmarks/attention.py --memory        # + peak memory at long T
     .venv/bin/python benchmarks/attention.py --memory --long # + T=65536 fwd+bwd (minutes)
+    .venv/bin/python benchmarks/attention.py --lengths 8192 --implementations eqx_attention \
+        --json benchmarks/results/attention_8192.json        # the causal speed-up further out
 
 Everything is measured in one run on the current machine: the library's default and "xla"
 implementations, `jax.nn.dot_product_attention`, and Equinox-style attention (a per-head
@@ -133,12 +135,14 @@ def speed_table(args):
     for length in args.lengths:
         q, k, v = inputs(args.batch, length, args.heads, args.head_size, dtype)
         seconds = {}
-        for name, attend in IMPLEMENTATIONS.items():
+        for name in args.implementations:
             if name == "equinox-style" and length > args.equinox_max_length:
                 continue
             fns = {}
             for causal in (False, True):
-                fns[name, causal, "fwd"], fns[name, causal, "fwd+bwd"] = make_fns(attend, causal)
+                fns[name, causal, "fwd"], fns[name, causal, "fwd+bwd"] = make_fns(
+                    IMPLEMENTATIONS[name], causal
+                )
             # An implementation's causal and non-causal runs take turns (see best_times), but
             # not with other implementations': the materialising ones allocate gigabytes,
             # and freeing and re-faulting that memory would slow down whatever runs next.
@@ -146,9 +150,9 @@ def speed_table(args):
         for causal in (False, True):
             flops = 4 * args.batch * args.heads * length**2 * args.head_size
             flops = flops / 2 if causal else flops
-            anchor_fwd = seconds["jax.nn", causal, "fwd"]
-            anchor_both = seconds["jax.nn", causal, "fwd+bwd"]
-            for name in IMPLEMENTATIONS:
+            anchor_fwd = seconds.get(("jax.nn", causal, "fwd"))
+            anchor_both = seconds.get(("jax.nn", causal, "fwd+bwd"))
+            for name in args.implementations:
                 if (name, causal, "fwd") not in seconds:
                     continue
                 t_fwd, t_both = seconds[name, causal, "fwd"], seconds[name, causal, "fwd+bwd"]
@@ -159,13 +163,13 @@ def speed_table(args):
                 print(
                     f"{length:>5} {causal!s:>6} {name:<20} {t_fwd * 1e3:>9.1f} "
                     f"{t_both * 1e3:>11.1f} {flops / t_fwd / 1e9:>9.1f} "
-                    f"{3 * flops / t_both / 1e9:>9.1f} {anchor_fwd / t_fwd:>13.2f}x "
-                    f"{anchor_both / t_both:>13.2f}x"
+                    f"{3 * flops / t_both / 1e9:>9.1f} {_speedup(anchor_fwd, t_fwd)} "
+                    f"{_speedup(anchor_both, t_both)}"
                 )
         print()
     ours_rows = {(r["T"], r["causal"]): r for r in rows if r["implementation"] == "eqx_attention"}
     print("causal speed-up of the default implementation (non-causal time / causal time):")
-    for length in args.lengths:
+    for length in args.lengths if ours_rows else ():
         plain, causal = ours_rows[(length, False)], ours_rows[(length, True)]
         print(
             f"  T={length}: fwd {plain['fwd_ms'] / causal['fwd_ms']:.2f}x, "
@@ -176,6 +180,10 @@ def speed_table(args):
     meta = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), dtype=dtype.name)
     results.write_text(json.dumps(dict(matmul_gflops=peak, **meta, rows=rows), indent=1))
     print(f"\nwrote {results}")
+
+
+def _speedup(anchor: float | None, seconds: float) -> str:
+    return f"{'-':>14}" if anchor is None else f"{anchor / seconds:>13.2f}x"
 
 
 def peak_memory_mib() -> float:
@@ -237,6 +245,11 @@ def memory_table(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument(
+        "--implementations", nargs="+", choices=list(IMPLEMENTATIONS),
+        default=list(IMPLEMENTATIONS),
+        help="what to time (speed-ups against jax.nn need it in the list)",
+    )  # fmt: skip
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-size", type=int, default=64)
