@@ -394,6 +394,28 @@ def test_cudnn_raises_off_gpu(dtype, rng):
         ea.dot_product_attention(q, k, v, implementation="cudnn")
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="tests/test_gpu.py runs the real one")
+def test_cudnn_path_zeroes_empty_and_padded_rows(rng, monkeypatch):
+    """The cuDNN path's own work (a batch axis, lengths, zeroed rows) on CPU, with jax.nn's
+    XLA implementation standing in for cuDNN: it gives a fully masked row the mean of the
+    values, which the path must turn into zeros."""
+    real = jax.nn.dot_product_attention
+
+    def stand_in(*args, implementation, **kwargs):
+        assert implementation == "cudnn"
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    monkeypatch.setattr(kernels, "cudnn_unsupported", lambda *args: None)
+    q, k, v = _qkv(rng, 13, 13, 4, 2)
+    mask = jnp.ones((13, 13), bool).at[5].set(False)
+    options = dict(mask=mask, query_seq_length=10, key_value_seq_length=11)
+    out = ea.dot_product_attention(q, k, v, implementation="cudnn", **options)
+    ref = ea.dot_product_attention(q, k, v, implementation="xla", **options)
+    _close(out, ref, FWD_TOL)
+    assert np.all(np.asarray(out)[[5, 10, 11, 12]] == 0)
+
+
 # --------------------------------------------------------------------------------------
 # Rows with nothing to attend to: exactly zero, with finite and zero gradients.
 

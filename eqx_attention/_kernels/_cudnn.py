@@ -51,10 +51,13 @@ def cudnn_attention(query, key, value, bias, mask, spec: AttentionSpec):
         local_window_size=spec.window,
         implementation="cudnn",
     )[0]  # fmt: skip
-    # Our contract: a query row with no visible key outputs zeros. Only a user mask can
-    # empty a row here (causal/window rows always see themselves when q_seq == kv_seq),
-    # and the mask is already O(q_seq * kv_seq), so evaluating it fully costs nothing new.
+    # Our contract: a query row with no visible key outputs zeros. Besides the lengths, only
+    # a user mask can empty a row here (causal/window rows always see themselves when
+    # q_seq == kv_seq), and the mask is already O(q_seq * kv_seq), so evaluating it fully
+    # costs nothing new. Padded query rows are zeroed here rather than trusting cuDNN to.
     has_key = jnp.ones((spec.q_seq, 1, 1), bool)
+    if spec.q_length is not None:
+        has_key = has_key & (jnp.arange(spec.q_seq) < spec.q_length)[:, None, None]
     if spec.mask is not None:
         idx_q, idx_kv = jnp.arange(spec.q_seq), jnp.arange(spec.kv_seq)
         visible = spec.visible(idx_q, idx_kv, spec.mask)  # [K|1, G|1, T, S]
