@@ -207,6 +207,23 @@ def test_attend_dropout(getkey):
         ea.attend(q, k, v, dropout_p=0.5)
 
 
+def test_key_padding_masks_broadcast(getkey):
+    """A `(1, kv_seq)` key-padding mask means its broadcast over queries, for `attend` and
+    both attention layers."""
+    x_q, x_kv = jax.random.normal(getkey(), (5, 8)), jax.random.normal(getkey(), (7, 6))
+    keep = jax.random.bernoulli(getkey(), 0.7, (1, 7)).at[0, 0].set(True)
+    cross = ea.CrossAttention(2, 8, 6, key=getkey())
+    np.testing.assert_allclose(
+        cross(x_q, x_kv, keep), cross(x_q, x_kv, jnp.broadcast_to(keep, (5, 7))), **TOL
+    )
+    self_attention = ea.SelfAttention(2, 6, key=getkey())
+    square = jnp.broadcast_to(keep, (7, 7))
+    np.testing.assert_allclose(self_attention(x_kv, keep), self_attention(x_kv, square), **TOL)
+    q, k = x_q.reshape(5, 2, 4), jax.random.normal(getkey(), (7, 2, 4))
+    full = jnp.broadcast_to(keep, (5, 7))
+    np.testing.assert_allclose(ea.attend(q, k, k, keep), ea.attend(q, k, k, full), **TOL)
+
+
 def _sizes(attn: ea.CrossAttention | ea.SelfAttention):
     m = attn.attention
     return m.num_heads * m.qk_size, m.num_heads * m.vo_size, m.output_size
