@@ -168,8 +168,9 @@ def speed_table(args):
                 )
         print()
     ours_rows = {(r["T"], r["causal"]): r for r in rows if r["implementation"] == "eqx_attention"}
-    print("causal speed-up of the default implementation (non-causal time / causal time):")
-    for length in args.lengths if ours_rows else ():
+    if ours_rows:
+        print("causal speed-up of the default implementation (non-causal time / causal time):")
+    for length in sorted({t for t, _ in ours_rows}):
         plain, causal = ours_rows[(length, False)], ours_rows[(length, True)]
         print(
             f"  T={length}: fwd {plain['fwd_ms'] / causal['fwd_ms']:.2f}x, "
