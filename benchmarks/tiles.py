@@ -52,15 +52,21 @@ def tile_loop(rows: int, cols: int, masked: bool):
     return jax.jit(jax.vmap(one_example))
 
 
+def tile_inputs(rows: int, cols: int):
+    """Batch-2 queries for one tile, and keys/values long enough for `tile_loop`'s steps."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, 1, 1, rows, 64))
+    k, v = (jax.random.normal(key, (2, 1, rows + cols, 64)) for key in keys[1:])
+    return q, k, v
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print(f"{'tile':>9} {'mask':>6} {'us/tile':>8} {'ns/logit':>9}")
     for rows, cols in SHAPES:
-        keys = jax.random.split(jax.random.key(0), 3)
-        q = jax.random.normal(keys[0], (2, 1, 1, rows, 64))
-        k, v = (jax.random.normal(key, (2, 1, rows + cols, 64)) for key in keys[1:])
+        q, k, v = tile_inputs(rows, cols)
         for masked in (False, True):
             seconds = best_time(tile_loop(rows, cols, masked), q, k, v, repeats=args.repeats)
             per_tile = seconds / STEPS
