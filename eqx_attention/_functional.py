@@ -37,6 +37,7 @@ def dot_product_attention(
     logit_softcap: float | int | None = None,
     mask_mod: MaskMod | None = None,
     score_mod: ScoreMod | None = None,
+    sinks: Float[Array, " num_heads"] | None = None,
     dropout_p: float | int = 0.0,
     dropout_key: PRNGKeyArray | None = None,
     implementation: str | None = None,
@@ -73,6 +74,11 @@ def dot_product_attention(
       computed (only causal and window structure is used to skip blocks).
     - `score_mod`: `score_mod(score, head, q_pos, kv_pos) -> score` on broadcastable arrays,
       applied after scale and bias (e.g. ALiBi: `score - slope[head] * (q_pos - kv_pos)`).
+    - `sinks`: optional learned attention-sink logits, float `(num_heads,)`. Head `h`'s
+      sink joins the softmax's normaliser as one more key with logit `sinks[h]` (taken as
+      it is: not scaled, biased, score-modded or capped) and a zero value, so a row's
+      weights sum to less than one and it can attend "nowhere" (gpt-oss, StreamingLLM).
+      Differentiable; not supported by `"cudnn"`.
     - `dropout_p`: dropout probability on the attention weights; kept weights are divided by
       `1 - dropout_p` so the output is unbiased.
     - `dropout_key`: PRNG key, required when `dropout_p > 0`. The dropout mask is a function
@@ -113,6 +119,7 @@ def dot_product_attention(
         logit_softcap=logit_softcap,
         mask_mod=mask_mod,
         score_mod=score_mod,
+        sinks=sinks,
         dropout_p=dropout_p,
         dropout_key=dropout_key,
     )
@@ -144,6 +151,7 @@ def dot_product_attention_weights(
     logit_softcap: float | int | None = None,
     mask_mod: MaskMod | None = None,
     score_mod: ScoreMod | None = None,
+    sinks: Float[Array, " num_heads"] | None = None,
 ) -> Float[Array, "num_heads q_seq kv_seq"]:
     """The attention probabilities that [`eqx_attention.dot_product_attention`][] uses.
 
@@ -153,7 +161,8 @@ def dot_product_attention_weights(
 
     **Returns:**
 
-    Float32 array of shape `(num_heads, q_seq, kv_seq)`; each visible row sums to one.
+    Float32 array of shape `(num_heads, q_seq, kv_seq)`; each visible row sums to one, or,
+    with `sinks`, to one minus the sink's share.
     """
     spec, q, k, _, bias4 = _prepare(
         query,
@@ -171,6 +180,7 @@ def dot_product_attention_weights(
         logit_softcap=logit_softcap,
         mask_mod=mask_mod,
         score_mod=score_mod,
+        sinks=sinks,
         dropout_p=0.0,
         dropout_key=None,
     )
@@ -195,6 +205,7 @@ def _prepare(
     logit_softcap,
     mask_mod,
     score_mod,
+    sinks,
     dropout_p,
     dropout_key,
 ):
@@ -238,6 +249,7 @@ def _prepare(
         q_segment_ids=query_segment_ids,
         kv_segment_ids=kv_segment_ids,
         dropout_seed=_seed(dropout_key) if dropout_p > 0 else None,
+        sinks=None if sinks is None else sinks.astype(jnp.float32).reshape(num_kv_heads, group),
     )
     dtype = _compute_dtype(query.dtype)
     q = query.astype(dtype).reshape(q_seq, num_kv_heads, group, qk_size).transpose(1, 2, 0, 3)

@@ -11,14 +11,21 @@ from ._blocks import raw_logits
 def xla_probs(
     q: Float[Array, "K G T D"], k: Float[Array, "K S D"], spec: AttentionSpec, bias
 ) -> Float[Array, "K G T S"]:
-    """Attention probabilities (before dropout); rows with no visible key are all zero."""
+    """Attention probabilities (before dropout); rows with no visible key are all zero.
+
+    With sinks, a row's probabilities sum to less than one: the sink takes the rest.
+    """
     q_idx = jnp.arange(spec.q_seq)
     kv_idx = jnp.arange(spec.kv_seq)
     s = spec.scores(raw_logits(q, k), q_idx, kv_idx, bias)
     visible = spec.visible(q_idx, kv_idx, spec.mask)
     if visible is not None:
         s = jnp.where(visible, s, -jnp.inf)
-    return _softmax(s)
+    if spec.sinks is None:
+        return _softmax(s)
+    # The sink is one more column of the softmax, dropped afterwards: its value is zero.
+    sink = jnp.broadcast_to(spec.sinks[:, :, None, None], s.shape[:-1] + (1,))
+    return _softmax(jnp.concatenate([s, sink], axis=-1))[..., :-1]
 
 
 @jax.custom_jvp
