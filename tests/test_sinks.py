@@ -7,6 +7,7 @@ is `0 * scale`) whose value is zero, made visible to every query, with `sinks[h]
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,3 +231,100 @@ def test_sinks_shape_is_checked(rng):
     q, k, v = (_normal(rng, 8, 2, 8) for _ in range(3))
     with pytest.raises(Exception, match="sinks"):
         ea.dot_product_attention(q, k, v, sinks=jnp.zeros(3))
+
+
+# --------------------------------------------------------------------------------------
+# MultiheadAttention(use_sinks=True)
+
+
+def _sink_mha(key, **kwargs):
+    return ea.MultiheadAttention(
+        4,
+        16,
+        num_kv_heads=2,
+        rope=ea.RotaryPositionalEmbedding(4),
+        normalize_qk=True,
+        use_sinks=True,
+        **kwargs,
+        key=key,
+    )
+
+
+def test_mha_sinks_are_a_learned_field(getkey):
+    mha = _sink_mha(getkey())
+    assert mha.use_sinks and mha.sinks.shape == (4,) and mha.sinks.dtype == jnp.float32
+    # normal(0, 0.02): small, so a new layer starts out close to ordinary softmax attention.
+    assert 0 < float(jnp.max(jnp.abs(mha.sinks))) < 0.1
+    plain = ea.MultiheadAttention(4, 16, num_kv_heads=2, key=getkey())
+    assert not plain.use_sinks and plain.sinks is None
+    assert jax.tree.structure(eqx.filter(mha, eqx.is_inexact_array)) != jax.tree.structure(
+        eqx.filter(plain, eqx.is_inexact_array)
+    )
+
+
+def _decode(mha, x, cache, chunks, window=None):
+    step = eqx.filter_jit(lambda mha, x, cache: mha(x, cache=cache, local_window_size=window))
+    outs, start = [], 0
+    for size in chunks:
+        out, cache = step(mha, x[start : start + size], cache)
+        outs.append(out)
+        start += size
+    return jnp.concatenate(outs)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_mha_cached_decoding_equals_full_causal(window, getkey):
+    # Large sinks, so that a wrong sink anywhere moves the output visibly.
+    mha = eqx.tree_at(lambda m: m.sinks, _sink_mha(getkey()), jnp.array([-2.0, 0.0, 1.0, 3.0]))
+    x = jax.random.normal(getkey(), (11, 16))
+    full = mha(x, is_causal=True, local_window_size=window)
+    without = eqx.tree_at(lambda m: m.sinks, mha, jnp.full(4, -jnp.inf))
+    assert not jnp.allclose(full, without(x, is_causal=True, local_window_size=window), atol=1e-3)
+    chunks = [4, 1, 1, 3, 1, 1]
+    linear = _decode(mha, x, mha.init_cache(16), chunks, window)
+    np.testing.assert_allclose(linear, full, atol=2e-5, rtol=2e-5)
+    if window is not None:
+        ring = _decode(mha, x, mha.init_sliding_window_cache(window), chunks, window)
+        np.testing.assert_allclose(ring, full, atol=2e-5, rtol=2e-5)
+
+
+def test_mha_weights_with_sinks(getkey):
+    mha = eqx.tree_at(lambda m: m.sinks, _sink_mha(getkey()), jnp.array([-2.0, 0.0, 1.0, 3.0]))
+    x = jax.random.normal(getkey(), (9, 16))
+    out, weights = mha(x, is_causal=True, return_weights=True)
+    totals = np.asarray(jnp.sum(weights, axis=-1))
+    assert np.all(totals < 1) and np.all(totals > 0)
+    # Rows of heads with larger sinks give the sink more.
+    assert np.all(np.diff(totals.mean(axis=1)) < 0)
+    np.testing.assert_allclose(out, mha(x, is_causal=True), atol=1e-6)
+
+
+def test_mha_sink_gradients_chunked_equal_xla_and_finite_differences(getkey, monkeypatch):
+    """Training a sink: its gradient through the blockwise kernel, with dropout off."""
+    for name, size in SMALL_BLOCKS.items():
+        monkeypatch.setattr(kernels, name, size)
+    mha = _sink_mha(getkey())
+    x = jax.random.normal(getkey(), (21, 16))
+    target = jax.random.normal(getkey(), (21, 16))
+
+    def loss(sinks, impl):
+        model = eqx.tree_at(lambda m: m.sinks, mha, sinks)
+        return jnp.mean((model(x, is_causal=True, implementation=impl) - target) ** 2)
+
+    grad_chunked = jax.grad(loss)(mha.sinks, "chunked")
+    grad_xla = jax.grad(loss)(mha.sinks, "xla")
+    np.testing.assert_allclose(grad_chunked, grad_xla, rtol=1e-4, atol=1e-7)
+    eps = 1e-2
+    for h in range(4):
+        step = jnp.zeros(4).at[h].set(eps)
+        slope = (loss(mha.sinks + step, "xla") - loss(mha.sinks - step, "xla")) / (2 * eps)
+        np.testing.assert_allclose(grad_xla[h], slope, rtol=2e-2, atol=1e-6)
+    assert np.all(np.abs(np.asarray(grad_chunked)) > 0)
+
+
+def test_mha_sinks_with_dropout(getkey):
+    mha = _sink_mha(getkey(), dropout_p=0.5)
+    x = jax.random.normal(getkey(), (9, 16))
+    train = mha(x, is_causal=True, key=getkey())
+    test = mha(x, is_causal=True, inference=True)
+    assert np.all(np.isfinite(np.asarray(train))) and not jnp.allclose(train, test)
