@@ -93,6 +93,8 @@ PAGES = [
             "document.querySelectorAll('article img').length >= 5",
             "[...document.querySelectorAll('article img')].every(i => i.complete"
             " && i.naturalWidth > 0)",
+            # The attention-sinks formula.
+            *MATH,
         ],
         "article img",
     ),
