@@ -13,7 +13,8 @@ from ._kernels import (
     xla_attention,
     xla_probs,
 )
-from ._spec import AttentionSpec, MaskMod, ScoreMod
+from ._spec import AttentionSpec, MaskMod, ScoreMod, as_data
+from ._vma import vma
 
 BiasArray = Float[Array, "#num_heads #q_seq #kv_seq"] | Float[Array, "#q_seq #kv_seq"]
 MaskArray = Bool[Array, "#num_heads #q_seq #kv_seq"] | Bool[Array, "#q_seq #kv_seq"]
@@ -231,6 +232,9 @@ def _prepare(
         raise ValueError(f"logit_softcap must be positive, got logit_softcap={logit_softcap}")
     window = _window(local_window_size)
     group = num_heads // num_kv_heads
+    # The mods are elementwise: scalars stand for the blocks they will be applied to, typed
+    # (inside shard_map) as varying like the inputs.
+    position, axes = jnp.int32(0), vma(query, key, value)
     spec = AttentionSpec(
         q_seq=q_seq,
         kv_seq=kv_seq,
@@ -241,8 +245,10 @@ def _prepare(
         window=window,
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
         dropout_p=float(dropout_p),
-        mask_mod=mask_mod,
-        score_mod=score_mod,
+        mask_mod=as_data(mask_mod, "mask_mod", axes, position, position),
+        score_mod=as_data(
+            score_mod, "score_mod", axes, jnp.float32(0), position, position, position
+        ),
         mask=None if mask is None else _split_heads(mask, num_kv_heads, group),
         q_length=_length(query_seq_length),
         kv_length=_length(key_value_seq_length),

@@ -135,7 +135,7 @@ def _count_blocks(monkeypatch):
 
 @pytest.mark.parametrize(
     "case",
-    ["documents", "documents_causal", "dense_mask", "lengths"],
+    ["documents", "documents_causal", "mask_mod_prefix", "dense_mask", "lengths"],
 )
 def test_kernel_visits_only_non_empty_blocks_under_vmap(case, monkeypatch):
     """Two examples with different patterns: each pass runs exactly as many block steps as

@@ -18,8 +18,10 @@ from ._blocks import (
     block_forward,
     finalize,
     init_carry,
+    score_mod_params,
     sink_grad,
     spec_cotangent,
+    zeros_like_params,
 )
 from ._plan import BlockPlan, make_plan, run_plan
 
@@ -229,20 +231,23 @@ def _flash_bwd(blocks, residuals, d_out):
     def backward(spec, bias, q, k, v, lse, delta, d_out):
         return _backward(q, k, v, bias, spec, plan, lse, delta, d_out, blocks)
 
-    dq, dk, dv, dbias = _per_kv_head(backward, spec, bias, q, k, v, lse, delta, d_out)
+    dq, dk, dv, dbias, dmod = _per_kv_head(backward, spec, bias, q, k, v, lse, delta, d_out)
     if dbias is not None:
         # A bias shared by all heads collects every head's gradient.
         dbias = dbias[:, 0] if bias.shape[0] > 1 else jnp.sum(dbias, axis=0)
         dbias = dbias.astype(bias.dtype)
+    # score_mod is shared by the heads (they are its argument), so it collects them all.
+    dmod = jax.tree.map(lambda g: jnp.sum(g, axis=0), dmod)
     dsinks = None if spec.sinks is None else sink_grad(spec.sinks, lse, delta)
+    dspec = spec_cotangent(spec, dsinks, dmod)
     plan_cotangent = jax.tree.map(lambda _: None, plan)
-    return dq[:, 0], dk[:, 0], dv[:, 0], dbias, spec_cotangent(spec, dsinks), plan_cotangent
+    return dq[:, 0], dk[:, 0], dv[:, 0], dbias, dspec, plan_cotangent
 
 
 def _backward(
     q, k, v, bias, spec: AttentionSpec, plan: BlockPlan | None, lse, delta, d_out, blocks
 ):
-    """Gradients `(dq, dk, dv, dbias)`, looping over key blocks outside, queries inside.
+    """Gradients `(dq, dk, dv, dbias, dmod)`, looping over key blocks outside, queries inside.
 
     `delta = rowsum(d_out * out)`, in float32 like `d_out`.
     """
@@ -250,14 +255,14 @@ def _backward(
     Sp = k.shape[1]
 
     def one_kv_block(acc, j):
-        dq, dbias = acc
+        dq, dbias, dmod = acc
         kv_start = j * block_k
         kv_idx = kv_start + jnp.arange(block_k)
         k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, block_k, axis=1)
         v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, block_k, axis=1)
 
         def step(q_start, width, needs_mask, carry):
-            dq, dbias, dk_blk, dv_blk = carry
+            dq, dbias, dmod, dk_blk, dv_blk = carry
             q_idx = q_start + jnp.arange(width)
             rows = [
                 jax.lax.dynamic_slice_in_dim(x, q_start, width, axis=2)
@@ -269,32 +274,37 @@ def _backward(
             # that needs a mask (those that need none end at or before kv_seq).
             may_pad = needs_mask and spec.kv_seq % block_k != 0
             visible = _visible(spec, needs_mask, q_idx, kv_idx, mask_blk, may_pad)
-            dq_blk, dk_step, dv_step, dbias_blk = block_backward(
+            dq_blk, dk_step, dv_step, dbias_blk, dmod_blk = block_backward(
                 rows[0], k_blk, v_blk, *rows[1:], spec, q_idx, kv_idx, bias_blk, visible
             )
             dq = _add_slice(dq, dq_blk, q_start, axis=2)
             if dbias is not None:
                 dbias = _add_dense_block(dbias, dbias_blk, q_start, kv_start)
-            return dq, dbias, dk_blk + dk_step, dv_blk + dv_step
+            dmod = jax.tree.map(jnp.add, dmod, dmod_blk)
+            return dq, dbias, dmod, dk_blk + dk_step, dv_blk + dv_step
 
         zeros_k = jnp.zeros(k_blk.shape, jnp.float32)
         zeros_v = jnp.zeros(v_blk.shape, jnp.float32)
-        carry = (dq, dbias, zeros_k, zeros_v)
+        carry = (dq, dbias, dmod, zeros_k, zeros_v)
         if plan is None:
             ranges = spec.q_ranges(kv_start, block_k)
             carry = _run_blocks(ranges, block_q, fine_q, step, carry)
         else:
             carry = run_plan(plan.q_count[j], plan.q_index[j], block_q, step, carry)
-        dq, dbias, dk_blk, dv_blk = carry
-        return (dq, dbias), (dk_blk, dv_blk)
+        dq, dbias, dmod, dk_blk, dv_blk = carry
+        return (dq, dbias, dmod), (dk_blk, dv_blk)
 
     dq0 = jnp.zeros(q.shape, jnp.float32)
     dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-    (dq, dbias), (dk, dv) = jax.lax.scan(one_kv_block, (dq0, dbias0), jnp.arange(Sp // block_k))
+    # Summed block by block in a fixed order: deterministic, and as large as the parameters.
+    dmod0 = zeros_like_params(score_mod_params(spec)[0])
+    (dq, dbias, dmod), (dk, dv) = jax.lax.scan(
+        one_kv_block, (dq0, dbias0, dmod0), jnp.arange(Sp // block_k)
+    )
     # [num_k, K, bk, ...] -> [K, num_k * bk, ...]
     dk = jnp.moveaxis(dk, 0, 1).reshape(k.shape)
     dv = jnp.moveaxis(dv, 0, 1).reshape(v.shape)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, dmod
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
