@@ -136,12 +136,10 @@ def _run_blocks(ranges, coarse: int, fine: int, step, carry):
 def _visible(spec: AttentionSpec, needs_mask: bool, q_idx, kv_idx, mask_blk, may_pad: bool):
     """The block's mask; `None` for a block in which every pair may attend.
 
-    `may_pad` says whether the block can reach into the key padding that fills the last
-    block, which must then be hidden too.
+    `needs_mask` says whether anything but key padding may hide a pair; `may_pad` whether
+    the block can reach into the key padding that fills the last block.
     """
-    if not needs_mask:
-        return None
-    visible = spec.visible(q_idx, kv_idx, mask_blk)
+    visible = spec.visible(q_idx, kv_idx, mask_blk) if needs_mask else None
     if may_pad:
         padding = kv_idx[None, None, None, :] < spec.kv_seq
         visible = padding if visible is None else visible & padding
@@ -270,9 +268,9 @@ def _backward(
             ]
             mask_blk = dense_block(spec.mask, q_start, width, kv_start, block_k)
             bias_blk = dense_block(bias, q_start, width, kv_start, block_k)
-            # Which key block holds the padding is only known at run time: check every block
-            # that needs a mask (those that need none end at or before kv_seq).
-            may_pad = needs_mask and spec.kv_seq % block_k != 0
+            # Which key block holds the padding is only known at run time: check every block,
+            # but for a plan's full ones, which hold none.
+            may_pad = spec.kv_seq % block_k != 0 and (needs_mask or plan is None)
             visible = _visible(spec, needs_mask, q_idx, kv_idx, mask_blk, may_pad)
             dq_blk, dk_step, dv_step, dbias_blk, dmod_blk = block_backward(
                 rows[0], k_blk, v_blk, *rows[1:], spec, q_idx, kv_idx, bias_blk, visible
