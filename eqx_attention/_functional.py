@@ -69,12 +69,20 @@ def dot_product_attention(
       `[p - left, p + right]`.
     - `query_segment_ids`, `kv_segment_ids`: int arrays `(q_seq,)` and `(kv_seq,)`; a query
       only attends to keys of the same segment (packed documents). Give both or neither.
-    - `logit_softcap`: `cap * tanh(logits / cap)`, as in Gemma 2.
-    - `mask_mod`: FlexAttention-style `mask_mod(q_pos, kv_pos) -> bool`, evaluated on
-      broadcastable position arrays; `False` hides a pair. Fully hidden blocks are still
-      computed (only causal and window structure is used to skip blocks).
-    - `score_mod`: `score_mod(score, head, q_pos, kv_pos) -> score` on broadcastable arrays,
-      applied after scale and bias (e.g. ALiBi: `score - slope[head] * (q_pos - kv_pos)`).
+    - `logit_softcap`: `cap * tanh(logits / cap)` on the scaled (and score-modded) logits, as
+      in Gemma 2; `bias` is added after the cap, so an additive mask keeps hiding its keys.
+    - `mask_mod`: FlexAttention-style `mask_mod(q_pos, kv_pos) -> bool`, elementwise (it is
+      traced once on scalar positions and applied to every block); `False` hides a pair.
+    - `score_mod`: `score_mod(score, head, q_pos, kv_pos) -> score`, elementwise, applied to
+      the scaled logits (e.g. ALiBi: `score - slope[head] * jnp.abs(q_pos - kv_pos)`).
+      Both mods may close over arrays: learned ones (ALiBi slopes, a relative-position
+      table) get gradients through every implementation, and per-example ones may be
+      `vmap`ped. They only ever see real positions, never the kernels' block padding.
+
+    Every source of masking (causal/window structure, the lengths, segment ids, `mask_mod`,
+    `mask`) skips the blocks it hides entirely: the blockwise kernel classifies each
+    (query block, key block) pair once per call as empty, full or partial, and visits only
+    the non-empty ones, also under `jax.vmap`.
     - `sinks`: optional learned attention-sink logits, float `(num_heads,)`. Head `h`'s
       sink joins the softmax's normaliser as one more key with logit `sinks[h]` (taken as
       it is: not scaled, biased, score-modded or capped) and a zero value, so a row's

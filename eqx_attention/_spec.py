@@ -143,15 +143,19 @@ class AttentionSpec(eqx.Module):
         kv_idx: Int[Array, " bk"],
         bias: Float[Array, "_ _ _ _"] | None,
     ) -> Float[Array, "K G bq bk"]:
-        """Scaled, biased, score-modded and soft-capped logits, in that order."""
+        """Scaled, score-modded, soft-capped and biased logits, in that order.
+
+        The bias comes after the cap, as Gemma 2 masks after capping: a bias of `-inf` (or
+        `-1e9`) used as an additive mask keeps hiding its key instead of becoming `-cap`.
+        """
         s = logits * self.scale
-        if bias is not None:
-            s = s + bias
         if self.score_mod is not None:
             q_pos, kv_pos = self._real_positions(q_idx, kv_idx)
             s = elementwise(self.score_mod, s, self.head_index, q_pos, kv_pos)
         if self.logit_softcap is not None:
             s = self.logit_softcap * jnp.tanh(s / self.logit_softcap)
+        if bias is not None:
+            s = s + bias
         return s
 
     def visible(

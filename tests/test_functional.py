@@ -93,8 +93,6 @@ def _oracle_probs(
     key = jnp.repeat(key, num_heads // num_kv_heads, axis=1)
     scale = 1 / math.sqrt(qk_size) if scale is None else scale
     s = jnp.einsum("tnd,snd->nts", query, key) * scale
-    if bias is not None:
-        s = s + bias
     # Bottom-right alignment: query row i sits at key position kv_seq - q_seq + i.
     q_pos = jnp.arange(q_seq)[:, None] + (kv_seq - q_seq)
     kv_pos = jnp.arange(kv_seq)[None, :]
@@ -102,6 +100,9 @@ def _oracle_probs(
         s = score_mod(s, jnp.arange(num_heads)[:, None, None], q_pos, kv_pos)
     if logit_softcap is not None:
         s = logit_softcap * jnp.tanh(s / logit_softcap)
+    # The bias after the cap, as Gemma 2 masks after capping.
+    if bias is not None:
+        s = s + bias
     ok = jnp.ones((num_heads, q_seq, kv_seq), bool)
     if is_causal:
         ok &= kv_pos <= q_pos
@@ -355,6 +356,19 @@ def test_softcap_bounds_logits(impl, rng):
     q, k, v = _qkv(rng, 4, 6, 2, 2)
     out = jax.jit(_attention(impl, logit_softcap=1e-3))(100 * q, k, v)
     _close(out, jnp.broadcast_to(jnp.mean(v, axis=0), out.shape), {"atol": 1e-2, "rtol": 0})
+
+
+@pytest.mark.parametrize("hidden", [-jnp.inf, -1e9])
+def test_softcap_keeps_additive_masks(impl, hidden, rng):
+    """The bias comes after the cap: a bias that hides a key keeps hiding it."""
+    q, k, v = _qkv(rng, 5, 7, 2, 2)
+    keep = jnp.arange(7) % 3 != 1
+    bias = jnp.where(keep, 0.0, hidden)[None, :]
+    capped = jax.jit(_attention(impl, logit_softcap=2.0))(q, k, v, bias)
+    masked = jax.jit(_attention(impl, logit_softcap=2.0))(q, k, v, mask=keep[None, :])
+    _close(capped, masked, FWD_TOL)
+    weights = ea.dot_product_attention_weights(q, k, bias, logit_softcap=2.0)
+    assert np.all(np.asarray(weights)[:, :, ~np.asarray(keep)] == 0)
 
 
 # --------------------------------------------------------------------------------------
