@@ -61,7 +61,7 @@ def test_split_covers_the_range_once_with_fine_steps_only_off_the_grid(r):
 def test_automatic_choice_materialises_only_small_problems(q_seq, kv_seq, expected):
     spec = AttentionSpec(
         q_seq=q_seq, kv_seq=kv_seq, num_heads=2, num_kv_heads=2, scale=1.0, is_causal=True,
-        window=None, logit_softcap=None, dropout_p=0.0, mask_mod=None, score_mod=None,
+        window=None, logit_softcap=None, dropout_p=None, mask_mod=None, score_mod=None,
         mask=None, q_length=None, kv_length=None, q_segment_ids=None, kv_segment_ids=None,
         dropout_seed=None,
     )  # fmt: skip

@@ -26,11 +26,12 @@ def chunked_attention(
     block_k: int,
     fine_q: int,
     fine_k: int,
-) -> Float[Array, "K G T Dv"]:
+) -> tuple[Float[Array, "K G T Dv"], Float[Array, "K G T"]]:
     """Pad to whole blocks, run the blockwise kernel, drop the padding.
 
     `block_q x block_k` tiles cover the inside of causal/window patterns; `fine_q`/`fine_k`
-    (which must divide them) are the finer steps taken along the pattern's edges.
+    (which must divide them) are the finer steps taken along the pattern's edges. Returns
+    the output and each row's log-sum-exp, which carries no gradient (as in jax.nn).
     """
     T, S = spec.q_seq, spec.kv_seq
     block_q, block_k = min(block_q, T), min(block_k, S)
@@ -46,8 +47,8 @@ def chunked_attention(
     spec = _replace(spec, mask=mask)
     if bias is not None:
         bias = _pad_dense(bias, pad_q, pad_k, 0.0)
-    out = _flash(q, k, v, bias, spec, (block_q, block_k, fine_q, fine_k))
-    return out[:, :, :T]
+    out, lse = _flash(q, k, v, bias, spec, (block_q, block_k, fine_q, fine_k))
+    return out[:, :, :T], lse[:, :, :T]
 
 
 def _pad_axis(x, axis, pad):
@@ -195,10 +196,12 @@ def _flash_fwd(q, k, v, bias, spec, blocks):
 
     out, lse = _per_kv_head(forward, spec, bias, q, k, v)
     out, lse = out[:, 0], lse[:, 0]
-    return out, (q, k, v, bias, spec, out, lse)
+    return (out, lse), (q, k, v, bias, spec, out, lse)
 
 
-def _flash_bwd(blocks, residuals, d_out):
+def _flash_bwd(blocks, residuals, cotangents):
+    # The log-sum-exp output is a residual for the caller, not differentiated through.
+    d_out, _ = cotangents
     q, k, v, bias, spec, out, lse = residuals
 
     def backward(spec, bias, q, k, v, out, lse, d_out):
