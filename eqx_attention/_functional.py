@@ -51,6 +51,7 @@ def dot_product_attention(
     logit_softcap: float | int | None = None,
     mask_mod: MaskMod | None = None,
     score_mod: ScoreMod | None = None,
+    sinks: Float[Array, " num_heads"] | None = None,
     dropout_p: DropoutRate = 0.0,
     dropout_key: PRNGKeyArray | None = None,
     implementation: Implementation | None = None,
@@ -89,6 +90,11 @@ def dot_product_attention(
       computed (only causal and window structure is used to skip blocks).
     - `score_mod`: `score_mod(score, head, q_pos, kv_pos) -> score` on broadcastable arrays,
       applied after scale and bias (e.g. ALiBi: `score - slope[head] * (q_pos - kv_pos)`).
+    - `sinks`: optional learned attention-sink logits, float `(num_heads,)`. Head `h`'s
+      sink joins the softmax's normaliser as one more key with logit `sinks[h]` (taken as
+      it is: not scaled, biased, score-modded or capped) and a zero value, so a row's
+      weights sum to less than one and it can attend "nowhere" (gpt-oss, StreamingLLM).
+      Differentiable; not supported by `"cudnn"`.
     - `dropout_p`: dropout probability on the attention weights; kept weights are divided by
       `1 - dropout_p` so the output is unbiased. A Python number or a scalar array; a new
       value of an array rate does not recompile a jitted caller.
@@ -104,7 +110,8 @@ def dot_product_attention(
     - `return_residual`: also return each row's log-sum-exp of the (masked, scaled, biased)
       logits, as `jax.nn.dot_product_attention(..., return_residual=True)` does. With it,
       attentions over disjoint key sets merge exactly: for outputs `o_i` with log-sum-exps
-      `l_i`, `sum_i exp(l_i - l) o_i` with `l = logsumexp_i(l_i)`.
+      `l_i`, `sum_i exp(l_i - l) o_i` with `l = logsumexp_i(l_i)`. With `sinks` the sink's
+      term is part of each row's log-sum-exp (so give the sinks to one part only).
 
     Positions are **bottom-right aligned**: query row `i` sits at key position
     `kv_seq - q_seq + i`. With `q_seq == kv_seq` this is ordinary self-attention; with fewer
@@ -141,6 +148,7 @@ def dot_product_attention(
         logit_softcap=logit_softcap,
         mask_mod=mask_mod,
         score_mod=score_mod,
+        sinks=sinks,
         dropout_p=dropout_p,
         dropout_key=dropout_key,
     )
@@ -176,6 +184,7 @@ def dot_product_attention_weights(
     logit_softcap: float | int | None = None,
     mask_mod: MaskMod | None = None,
     score_mod: ScoreMod | None = None,
+    sinks: Float[Array, " num_heads"] | None = None,
 ) -> Float[Array, "num_heads q_seq kv_seq"]:
     """The attention probabilities that [`eqx_attention.dot_product_attention`][] uses.
 
@@ -185,7 +194,8 @@ def dot_product_attention_weights(
 
     **Returns:**
 
-    Float32 array of shape `(num_heads, q_seq, kv_seq)`; each visible row sums to one.
+    Float32 array of shape `(num_heads, q_seq, kv_seq)`; each visible row sums to one, or,
+    with `sinks`, to one minus the sink's share.
     """
     spec, q, k, _, bias4 = _prepare(
         query,
@@ -203,6 +213,7 @@ def dot_product_attention_weights(
         logit_softcap=logit_softcap,
         mask_mod=mask_mod,
         score_mod=score_mod,
+        sinks=sinks,
         dropout_p=0.0,
         dropout_key=None,
     )
@@ -227,6 +238,7 @@ def _prepare(
     logit_softcap,
     mask_mod,
     score_mod,
+    sinks,
     dropout_p,
     dropout_key,
 ):
@@ -273,6 +285,7 @@ def _prepare(
         q_segment_ids=query_segment_ids,
         kv_segment_ids=kv_segment_ids,
         dropout_seed=None if dropout_rate is None else _seed(dropout_key),
+        sinks=None if sinks is None else sinks.astype(jnp.float32).reshape(num_kv_heads, group),
     )
     dtype = _compute_dtype(_input_dtype(query, key, value))
     q = query.astype(dtype).reshape(q_seq, num_kv_heads, group, qk_size).transpose(1, 2, 0, 3)

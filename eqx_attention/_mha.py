@@ -50,6 +50,7 @@ class MultiheadAttention(eqx.Module):
     - `is_causal`, `local_window_size` and an additive `bias`, forwarded to the core so the
       O(seq)-memory implementation skips masked blocks;
     - QK normalisation (`normalize_qk`) and rotary embeddings (`rope`);
+    - learned attention sinks, one logit per head (`use_sinks`);
     - KV-cache decoding: `out, cache = mha(x, cache=cache)`;
     - `return_weights=True` for inspecting the attention probabilities.
 
@@ -76,6 +77,7 @@ class MultiheadAttention(eqx.Module):
     query_norm: eqx.nn.LayerNorm | None
     key_norm: eqx.nn.LayerNorm | None
     rope: RotaryPositionalEmbedding | None
+    sinks: Float[Array, " num_heads"] | None
 
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
@@ -90,6 +92,7 @@ class MultiheadAttention(eqx.Module):
     use_value_bias: bool = eqx.field(static=True)
     use_output_bias: bool = eqx.field(static=True)
     normalize_qk: bool = eqx.field(static=True)
+    use_sinks: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -111,6 +114,7 @@ class MultiheadAttention(eqx.Module):
         inference: bool = False,
         dtype: Any = None,
         *,
+        use_sinks: bool = False,
         key: PRNGKeyArray,
     ):
         """**Arguments:**
@@ -138,6 +142,11 @@ class MultiheadAttention(eqx.Module):
         - `inference`: if `True`, dropout is off; toggled by `eqx.nn.inference_mode`
           (through the `dropout` field) or per call.
         - `dtype`: parameter dtype; defaults to float32 (float64 in 64-bit mode).
+        - `use_sinks`: learn one attention-sink logit per query head (the `sinks` field,
+          `(num_heads,)`), which joins the softmax's normaliser as a key with a zero value
+          (see `sinks` in [`eqx_attention.dot_product_attention`][]). Initialised from
+          `normal(0, 0.02)`, as the Hugging Face implementation of gpt-oss does (its
+          `initializer_range`). (Keyword only.)
         - `key`: PRNG key for the initialisation. (Keyword only.)
         """
         if num_heads <= 0:
@@ -184,6 +193,13 @@ class MultiheadAttention(eqx.Module):
         else:
             self.query_norm = self.key_norm = None
         self.rope = rope
+        # Folded in rather than split off, so adding sinks leaves the projections' draws as
+        # they were for the same key.
+        sink_key = jax.random.fold_in(key, 4)
+        sink_dtype = self.query_proj.weight.dtype
+        self.sinks = (
+            0.02 * jax.random.normal(sink_key, (num_heads,), sink_dtype) if use_sinks else None
+        )
 
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -198,6 +214,7 @@ class MultiheadAttention(eqx.Module):
         self.use_value_bias = use_value_bias
         self.use_output_bias = use_output_bias
         self.normalize_qk = normalize_qk
+        self.use_sinks = use_sinks
 
     def __call__(
         self,
@@ -301,6 +318,7 @@ class MultiheadAttention(eqx.Module):
             mask,
             is_causal=is_causal,
             local_window_size=window,
+            sinks=self.sinks,
             dropout_p=dropout_p,
             dropout_key=dropout_key,
             implementation=implementation,
@@ -309,7 +327,7 @@ class MultiheadAttention(eqx.Module):
         result: tuple = (out,)
         if return_weights:
             weights = dot_product_attention_weights(
-                q, k, bias, mask, is_causal=is_causal, local_window_size=window
+                q, k, bias, mask, is_causal=is_causal, local_window_size=window, sinks=self.sinks
             )
             result += (weights,)
         if cache is not None:

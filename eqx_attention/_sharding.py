@@ -26,7 +26,14 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._functional import Length, _prepare
 from ._kernels import BLOCK_K, BLOCK_Q
-from ._kernels._blocks import block_backward, block_forward, finalize, init_carry
+from ._kernels._blocks import (
+    block_backward,
+    block_forward,
+    finalize,
+    init_carry,
+    sink_grad,
+    spec_cotangent,
+)
 from ._mha import MultiheadAttention
 from ._spec import AttentionSpec, MaskMod, ScoreMod
 
@@ -50,6 +57,7 @@ def ring_attention(
     logit_softcap: float | int | None = None,
     mask_mod: MaskMod | None = None,
     score_mod: ScoreMod | None = None,
+    sinks: Float[Array, " num_heads"] | None = None,
     dropout_p: float | int = 0.0,
     dropout_key: PRNGKeyArray | None = None,
     block_sizes: tuple[int, int] | None = None,
@@ -111,9 +119,10 @@ def ring_attention(
     - `layout`: `"contiguous"` (device `i` holds the `i`-th slice) or `"zigzag"` (see above;
       needs an even `q_seq` and `kv_seq`).
     - `scale`, `query_seq_length`, `key_value_seq_length`, `local_window_size`,
-      `logit_softcap`, `mask_mod`, `score_mod`, `dropout_p`, `dropout_key`: as in
+      `logit_softcap`, `mask_mod`, `score_mod`, `sinks`, `dropout_p`, `dropout_key`: as in
       `dot_product_attention`, with lengths and positions referring to the whole sequence.
-      The same `dropout_key` must be given on every device.
+      The same `sinks` and `dropout_key` must be given on every device (the sinks'
+      gradient is summed over the ring).
     - `query_segment_ids`, `kv_segment_ids`: this device's slices of the segment ids.
     - `block_sizes`: `(block_q, block_k)` tile of the logits computed at once on a device;
       defaults to the chunked kernel's tiles.
@@ -160,6 +169,7 @@ def ring_attention(
         logit_softcap=logit_softcap,
         mask_mod=mask_mod,
         score_mod=score_mod,
+        sinks=sinks,
         dropout_p=dropout_p,
         dropout_key=dropout_key,
     )
@@ -503,7 +513,7 @@ def _forward(q, k, v, q_seg, kv_seg, spec: AttentionSpec, config: _Config):
         return fold(s, carry, kv), visiting
 
     carry, kv = jax.lax.fori_loop(0, n - 1, ring_step, (carry, kv))
-    out, lse = jax.vmap(finalize)(fold(n - 1, carry, kv))
+    out, lse = jax.vmap(lambda carry: finalize(carry, spec.sinks))(fold(n - 1, carry, kv))
     return tq.merge(out, 2).astype(v.dtype), tq.merge(lse, 2)
 
 
@@ -579,8 +589,15 @@ def _ring_bwd(config: _Config, residuals, d_out):
     dk, dv = jax.lax.ppermute((dkv[0] + dk, dkv[1] + dv), axis, config.perm())
     dq = tq.merge(dq, 2).astype(q.dtype)
     dk, dv = tk.merge(dk, 1).astype(k.dtype), tk.merge(dv, 1).astype(v.dtype)
-    none = jax.tree.map(lambda _: None, (q_seg, kv_seg, spec))
-    return (dq, dk, dv, *none)
+    dsinks = None
+    if spec.sinks is not None:
+        dsinks = sink_grad(spec.sinks, lse, delta)
+        # Each device has the gradient from its own query rows. Sinks the same on every device
+        # get the sum; without type checks (`check_vma=False`) shard_map's transpose sums.
+        if axis in _varying_axes(dsinks) and axis not in _varying_axes(spec.sinks):
+            dsinks = jax.lax.psum(dsinks, axis)
+    none = jax.tree.map(lambda _: None, (q_seg, kv_seg))
+    return (dq, dk, dv, *none, spec_cotangent(spec, dsinks))
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)

@@ -51,6 +51,8 @@ class AttentionSpec(eqx.Module):
     q_segment_ids: Int[Array, " q_seq"] | None
     kv_segment_ids: Int[Array, " kv_seq"] | None
     dropout_seed: UInt32[Array, "2"] | None
+    # Learned sink logits, one per query head as `[K, G]`: a zero-valued key every query sees.
+    sinks: Float[Array, "_ G"] | None = None
     # Set when a kernel works on one key/value head at a time: which one it is.
     kv_head: Int[Array, ""] | None = None
 

@@ -39,16 +39,19 @@ def ring_check(
     batch=None,
     check_vma=True,
     segments=False,
+    sinks=False,
     block_sizes=None,
     **kwargs,
 ):
-    """Ring attention vs single-device attention: output and (q, k, v) gradients."""
-    keys = jax.random.split(jax.random.key(hash(name) % 2**31), 5)
+    """Ring attention vs single-device attention: output and (q, k, v[, sinks]) gradients."""
+    keys = jax.random.split(jax.random.key(hash(name) % 2**31), 6)
     lead = () if batch is None else (batch,)
     q = jax.random.normal(keys[0], lead + (q_seq, 4, 8))
     k = jax.random.normal(keys[1], lead + (SEQ, 2, 8))
     v = jax.random.normal(keys[2], lead + (SEQ, 2, 6))
     cotangent = jax.random.normal(keys[3], lead + (q_seq, 4, 6))
+    # Learned sinks are replicated on every device, and differentiated like q, k and v.
+    args = (q, k, v, jax.random.normal(keys[5], (4,))) if sinks else (q, k, v)
     # Three packed documents of uneven length, crossing shard boundaries.
     kv_seg = jnp.repeat(jnp.arange(3), jnp.array([13, 17, 10]), total_repeat_length=SEQ)
     q_seg = kv_seg[SEQ - q_seq :]
@@ -57,40 +60,41 @@ def ring_check(
         extra = dict(query_segment_ids=qs, kv_segment_ids=ks) if segments else {}
         return {**kwargs, **extra}
 
-    def reference(q, k, v):
+    def reference(q, k, v, sinks=None):
         fn = lambda q, k, v: eqx_attention.dot_product_attention(  # noqa: E731
-            q, k, v, implementation="xla", **options(q_seg, kv_seg)
+            q, k, v, implementation="xla", sinks=sinks, **options(q_seg, kv_seg)
         )
         return fn(q, k, v) if batch is None else jax.vmap(fn)(q, k, v)
 
     mesh = Mesh(np.array(jax.devices()[:RING]), ("seq",))
     seq_spec = P("seq") if batch is None else P(None, "seq")
 
-    def local(q, k, v, qs, ks):
+    def local(q, k, v, qs, ks, sinks):
         fn = lambda q, k, v: eqx_attention.ring_attention(  # noqa: E731
-            q, k, v, axis_name="seq", layout=layout, block_sizes=block_sizes, **options(qs, ks)
-        )
+            q, k, v, axis_name="seq", layout=layout, block_sizes=block_sizes, sinks=sinks,
+            **options(qs, ks),
+        )  # fmt: skip
         return fn(q, k, v) if batch is None else jax.vmap(fn)(q, k, v)
 
     sharded = jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(seq_spec, seq_spec, seq_spec, P("seq"), P("seq")),
+        in_specs=(seq_spec, seq_spec, seq_spec, P("seq"), P("seq"), P()),
         out_specs=seq_spec,
         check_vma=check_vma,
     )
 
-    def ring(q, k, v):
+    def ring(q, k, v, sinks=None):
         if layout != "zigzag":
-            return sharded(q, k, v, q_seg, kv_seg)
+            return sharded(q, k, v, q_seg, kv_seg, sinks)
         # Reorder whole sequences before sharding, and restore the output's order after.
         axis = 0 if batch is None else 1
         to = lambda x, axis=axis: eqx_attention.to_zigzag(x, RING, axis=axis)  # noqa: E731
-        out = sharded(to(q), to(k), to(v), to(q_seg, 0), to(kv_seg, 0))
+        out = sharded(to(q), to(k), to(v), to(q_seg, 0), to(kv_seg, 0), sinks)
         return eqx_attention.from_zigzag(out, RING, axis=axis)
 
     def value_and_grads(fn):
-        out, vjp = jax.vjp(fn, q, k, v)
+        out, vjp = jax.vjp(fn, *args)
         return out, vjp(cotangent)
 
     got = jax.jit(lambda: value_and_grads(ring))()
@@ -183,7 +187,7 @@ def zigzag_explicit_check():
 def main():
     results = {
         "ring_gqa_batched_tiles": ring_check("gqa", batch=2, block_sizes=(4, 4), scale=0.3),
-        "ring_causal": ring_check("causal", is_causal=True),
+        "ring_causal_sinks": ring_check("causal", is_causal=True, sinks=True),
         "ring_causal_zigzag_segments": ring_check(
             "zigzag", layout="zigzag", is_causal=True, segments=True, block_sizes=(2, 2)
         ),
@@ -199,6 +203,9 @@ def main():
         ),  # fmt: skip
         "ring_cross_causal_unchecked": ring_check(
             "cross", q_seq=SEQ // 2, is_causal=True, check_vma=False
+        ),
+        "ring_cross_sinks_unchecked": ring_check(
+            "cross", q_seq=SEQ // 2, is_causal=True, sinks=True, check_vma=False
         ),
         "zigzag_explicit": zigzag_explicit_check(),
         "data_parallel": training_check((8,), None),

@@ -40,6 +40,11 @@ def weights_of(q_seq: int = T, kv_seq: int = T, num_heads: int = 1, **kwargs) ->
 SEGMENTS = jnp.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
 
 
+def with_sink_column(weights: np.ndarray) -> np.ndarray:
+    """Append the sink's share of each row, `1 - sum(weights)`, as one more column."""
+    return np.concatenate([weights, 1.0 - weights.sum(axis=-1, keepdims=True)], axis=-1)
+
+
 def alibi_bias(slopes: jnp.ndarray, q_seq: int, kv_seq: int) -> jnp.ndarray:
     """ALiBi as an additive bias, `(num_heads, q_seq, kv_seq)`, as in the cookbook."""
     distance = jnp.arange(q_seq)[:, None] - jnp.arange(kv_seq)[None, :]
@@ -51,6 +56,8 @@ def figures() -> dict[str, list[tuple[str, np.ndarray, bool]]]:
     # A steep and a shallow slope, to show the range of heads (the paper's 8-head slopes run
     # from 1/2 down to 1/256).
     alibi = weights_of(num_heads=2, bias=alibi_bias(jnp.array([1.0, 0.25]), T, T), is_causal=True)
+    # Zero queries and keys make every logit 0, so a row's keys share what the sink leaves.
+    sunk = weights_of(num_heads=2, sinks=jnp.array([0.0, 2.0]), is_causal=True)
     return {
         "causal": [
             ("is_causal=True", visible(is_causal=True), False),
@@ -109,6 +116,10 @@ def figures() -> dict[str, list[tuple[str, np.ndarray, bool]]]:
         "alibi": [
             ("ALiBi, slope 1, causal", alibi[0], True),
             ("ALiBi, slope 1/4, causal", alibi[1], True),
+        ],
+        "sinks": [
+            ("sink logit 0, causal\n(last column: the sink)", with_sink_column(sunk[0]), True),
+            ("sink logit 2, causal\n(last column: the sink)", with_sink_column(sunk[1]), True),
         ],
     }
 

@@ -1,5 +1,7 @@
 """The online-softmax block step shared by the chunked kernel and ring attention."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,16 +49,21 @@ def block_forward(
     if visible is not None:
         s = jnp.where(visible, s, MASKED)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    # Rows that have seen no visible key keep m = MASKED; shift them by 0 so that exp gives
-    # exact zeros (exp(MASKED - MASKED) would be one).
-    m_safe = jnp.where(m_new > MASKED, m_new, 0.0)
+    m_safe, correction = _shift(m, m_new)
     p = jnp.exp(s - m_safe[..., None])
-    correction = jnp.exp(m - m_safe)
     denom = denom * correction + jnp.sum(p, axis=-1)
     if spec.dropout_p is not None:
         p = jnp.where(spec.keep(q_idx, kv_idx), p / (1 - spec.dropout_p), 0.0)
     pv = jnp.einsum("kgqc,kcd->kgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, denom, acc * correction[..., None] + pv
+
+
+def _shift(m: Float[Array, "*rows"], m_new: Float[Array, "*rows"]):
+    """The running max to subtract before `exp`, and the factor rescaling the old state."""
+    # Rows that have seen no visible key keep m = MASKED; shift them by 0 so that exp gives
+    # exact zeros (exp(MASKED - MASKED) would be one).
+    m_safe = jnp.where(m_new > MASKED, m_new, 0.0)
+    return m_safe, jnp.exp(m - m_safe)
 
 
 def block_backward(
@@ -102,10 +109,38 @@ def block_backward(
     return dq, dk, dv, dbias
 
 
-def finalize(carry: Carry) -> tuple[Float[Array, "K G bq dv"], Float[Array, "K G bq"]]:
-    """Normalised output and log-sum-exp; rows with no visible key give 0 and lse = MASKED."""
+def finalize(
+    carry: Carry, sinks: Float[Array, "K G"] | None = None
+) -> tuple[Float[Array, "K G bq dv"], Float[Array, "K G bq"]]:
+    """Normalised output and log-sum-exp; rows with no visible key give 0 and lse = MASKED.
+
+    `sinks` join the normaliser as one more key with a zero value, folded in last like any
+    other key: a row that saw no key then outputs 0 with lse = its sink.
+    """
     m, denom, acc = carry
+    if sinks is not None:
+        sink = jnp.broadcast_to(sinks[..., None], m.shape)
+        m_new = jnp.maximum(m, sink)
+        m_safe, correction = _shift(m, m_new)
+        m, denom = m_new, denom * correction + jnp.exp(sink - m_safe)
+        acc = acc * correction[..., None]
     seen = denom > 0
     out = acc / jnp.where(seen, denom, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), MASKED)
     return out, lse
+
+
+def sink_grad(
+    sinks: Float[Array, "K G"], lse: Float[Array, "K G T"], delta: Float[Array, "K G T"]
+) -> Float[Array, "K G"]:
+    """Gradient of the sink logits: the sink is a key with `dp = 0`, so `ds = -p_sink * delta`.
+
+    A finite sink keeps every row's normaliser positive, so `lse` is a real log-sum-exp; a
+    `-inf` sink gives `exp(-inf - lse) = 0` even where a row saw nothing (`lse = MASKED`).
+    """
+    return -jnp.sum(jnp.exp(sinks[..., None] - lse) * delta, axis=-1)
+
+
+def spec_cotangent(spec: AttentionSpec, dsinks: Float[Array, "K G"] | None) -> AttentionSpec:
+    """A custom VJP's cotangent for the spec: the sinks' gradient, none for its other leaves."""
+    return dataclasses.replace(jax.tree.map(lambda _: None, spec), sinks=dsinks)

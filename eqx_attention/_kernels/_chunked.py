@@ -13,7 +13,14 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._spec import AttentionSpec, dense_block
-from ._blocks import block_backward, block_forward, finalize, init_carry
+from ._blocks import (
+    block_backward,
+    block_forward,
+    finalize,
+    init_carry,
+    sink_grad,
+    spec_cotangent,
+)
 
 
 def chunked_attention(
@@ -152,7 +159,7 @@ def _forward(q, k, v, bias, spec: AttentionSpec, blocks):
 
         ranges = spec.kv_ranges(q_start, block_q)
         carry = _run_blocks(ranges, block_k, fine_k, step, init_carry(q_blk, vo_size))
-        return finalize(carry)
+        return finalize(carry, spec.sinks)
 
     out, lse = jax.lax.map(one_query_block, jnp.arange(Tp // block_q))
     # [num_q, K, G, bq, ...] -> [K, G, num_q * bq, ...]
@@ -176,13 +183,15 @@ def _per_kv_head(fn, spec: AttentionSpec, bias, *arrays):
     (mask_per_head, mask_shared), (bias_per_head, bias_shared) = split(spec.mask), split(bias)
 
     def one_head(xs):
-        head, mask_h, bias_h, arrays_h = xs
+        head, mask_h, bias_h, sinks_h, arrays_h = xs
         mask_h = mask_shared if mask_h is None else mask_h[None]
         bias_h = bias_shared if bias_h is None else bias_h[None]
-        spec_h = _replace(spec, mask=mask_h, kv_head=head)
+        sinks_h = None if sinks_h is None else sinks_h[None]
+        spec_h = _replace(spec, mask=mask_h, sinks=sinks_h, kv_head=head)
         return fn(spec_h, bias_h, *(a[None] for a in arrays_h))
 
-    return jax.lax.map(one_head, (jnp.arange(K), mask_per_head, bias_per_head, arrays))
+    xs = (jnp.arange(K), mask_per_head, bias_per_head, spec.sinks, arrays)
+    return jax.lax.map(one_head, xs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -207,17 +216,17 @@ def _flash_bwd(blocks, residuals, cotangents):
     def backward(spec, bias, q, k, v, out, lse, d_out):
         return _backward(q, k, v, bias, spec, out, lse, d_out, blocks)
 
-    dq, dk, dv, dbias = _per_kv_head(backward, spec, bias, q, k, v, out, lse, d_out)
+    dq, dk, dv, dbias, dsinks = _per_kv_head(backward, spec, bias, q, k, v, out, lse, d_out)
     if dbias is not None:
         # A bias shared by all heads collects every head's gradient.
         dbias = dbias[:, 0] if bias.shape[0] > 1 else jnp.sum(dbias, axis=0)
         dbias = dbias.astype(bias.dtype)
-    spec_cotangent = jax.tree.map(lambda _: None, spec)
-    return dq[:, 0], dk[:, 0], dv[:, 0], dbias, spec_cotangent
+    dspec = spec_cotangent(spec, None if dsinks is None else dsinks[:, 0])
+    return dq[:, 0], dk[:, 0], dv[:, 0], dbias, dspec
 
 
 def _backward(q, k, v, bias, spec: AttentionSpec, out, lse, d_out, blocks):
-    """Gradients `(dq, dk, dv, dbias)`, looping over key blocks outside, queries inside."""
+    """Gradients `(dq, dk, dv, dbias, dsinks)`, looping over key blocks outside, queries inside."""
     block_q, block_k, fine_q, _ = blocks
     Sp = k.shape[1]
     d_out = d_out.astype(jnp.float32)
@@ -263,7 +272,8 @@ def _backward(q, k, v, bias, spec: AttentionSpec, out, lse, d_out, blocks):
     # [num_k, K, bk, ...] -> [K, num_k * bk, ...]
     dk = jnp.moveaxis(dk, 0, 1).reshape(k.shape)
     dv = jnp.moveaxis(dv, 0, 1).reshape(v.shape)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+    dsinks = None if spec.sinks is None else sink_grad(spec.sinks, lse, delta)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, dsinks
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

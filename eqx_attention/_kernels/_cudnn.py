@@ -24,6 +24,7 @@ def cudnn_unsupported(spec: AttentionSpec, dtype, qk_size: int, vo_size: int) ->
         "segment ids": spec.q_segment_ids is not None,
         "mask_mod": spec.mask_mod is not None,
         "score_mod": spec.score_mod is not None,
+        "sinks": spec.sinks is not None,
         # jax.nn aligns causal/window masks top-left; ours are bottom-right.
         "is_causal/local_window_size with q_seq != kv_seq": (
             (spec.is_causal or spec.window is not None) and spec.q_seq != spec.kv_seq

@@ -10,20 +10,32 @@ from ._blocks import MASKED, raw_logits
 
 def xla_logits(
     q: Float[Array, "K G T D"], k: Float[Array, "K S D"], spec: AttentionSpec, bias
-) -> Float[Array, "K G T S"]:
-    """Scores with every hidden pair set to `MASKED`."""
+) -> Float[Array, "K G T _"]:
+    """Scores with every hidden pair set to `MASKED`, and the sinks as one more column.
+
+    The sink column is a key with a zero value that every query sees: it joins the softmax
+    and its log-sum-exp, and is dropped from the probabilities afterwards.
+    """
     q_idx = jnp.arange(spec.q_seq)
     kv_idx = jnp.arange(spec.kv_seq)
     s = spec.scores(raw_logits(q, k), q_idx, kv_idx, bias)
     visible = spec.visible(q_idx, kv_idx, spec.mask)
-    return s if visible is None else jnp.where(visible, s, MASKED)
+    if visible is not None:
+        s = jnp.where(visible, s, MASKED)
+    if spec.sinks is None:
+        return s
+    sink = jnp.broadcast_to(spec.sinks[:, :, None, None], s.shape[:-1] + (1,))
+    return jnp.concatenate([s, sink], axis=-1)
 
 
 def xla_probs(
     q: Float[Array, "K G T D"], k: Float[Array, "K S D"], spec: AttentionSpec, bias
 ) -> Float[Array, "K G T S"]:
-    """Attention probabilities (before dropout); rows with no visible key are all zero."""
-    return _softmax(xla_logits(q, k, spec, bias))
+    """Attention probabilities (before dropout); rows with no visible key are all zero.
+
+    With sinks, a row's probabilities sum to less than one: the sink takes the rest.
+    """
+    return _softmax(xla_logits(q, k, spec, bias))[..., : spec.kv_seq]
 
 
 def _shift(s: Float[Array, "*rows S"]) -> Float[Array, "*rows 1"]:
@@ -68,7 +80,7 @@ def xla_attention(
 ) -> tuple[Float[Array, "K G T Dv"], Float[Array, "K G T"]]:
     """The output and each row's log-sum-exp (which carries no gradient, as in jax.nn)."""
     s = xla_logits(q, k, spec, bias)
-    p = _softmax(s)
+    p = _softmax(s)[..., : spec.kv_seq]
     if spec.dropout_p is not None:
         keep = spec.keep(jnp.arange(spec.q_seq), jnp.arange(spec.kv_seq))
         p = jnp.where(keep, p / (1 - spec.dropout_p), 0.0)
