@@ -4,7 +4,7 @@ import math
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 
 class FourierPositionEncoding(eqx.Module):
@@ -90,11 +90,15 @@ class FourierPositionEncoding(eqx.Module):
         phases = 1 if self.sine_only else 2
         return d * self.num_bands * phases + (d if self.concat_positions else 0)
 
-    def __call__(self, positions: Int[Array, " n"] | None = None) -> Float[Array, "n channels"]:
+    def __call__(
+        self, positions: Int[Array, " n"] | None = None, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "n channels"]:
         """**Arguments:**
 
         - `positions`: optional flat indices into `index_shape` (each in
           `[0, num_positions)`); defaults to every position in row-major order.
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 

@@ -9,7 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 Positions = Int[Array, " seq"]
 
@@ -169,13 +169,19 @@ class RotaryPositionalEmbedding(eqx.Module):
         self.scaling = scaling
 
     def __call__(
-        self, x: Float[Array, "seq embedding_size"], *, positions: Positions | None = None
+        self,
+        x: Float[Array, "seq embedding_size"],
+        *,
+        positions: Positions | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq embedding_size"]:
         """**Arguments:**
 
         - `x`: array of shape `(seq, embedding_size)`.
         - `positions`: integer position of each row, shape `(seq,)`; defaults to
           `arange(seq)`. May be a traced array (e.g. a cache offset plus `arange`).
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 
@@ -193,9 +199,12 @@ class RotaryPositionalEmbedding(eqx.Module):
             _inverse_frequencies(self.rotary_size, self.theta, self.scaling, _default_float())
         )
         angles = positions.astype(inv_freq.dtype)[:, None] * inv_freq[None, :]
-        cos = jnp.cos(angles).astype(self.dtype)
-        sin = jnp.sin(angles).astype(self.dtype)
-        rot, rest = x[:, : self.rotary_size], x[:, self.rotary_size :]
+        # Rotate in the promotion of the input and table dtypes, cast explicitly so that a
+        # half-precision input also works under strict dtype promotion.
+        dtype = _promote(x.dtype, self.dtype)
+        cos = jnp.cos(angles).astype(self.dtype).astype(dtype)
+        sin = jnp.sin(angles).astype(self.dtype).astype(dtype)
+        rot, rest = x[:, : self.rotary_size].astype(dtype), x[:, self.rotary_size :]
         if self.interleaved:
             # Channels (2i, 2i+1) rotate together: the partner of an even channel is the
             # next one, negated; of an odd channel the previous one.
@@ -264,13 +273,19 @@ class SinusoidalPositionalEmbedding(eqx.Module):
         )
 
     def __call__(
-        self, x: Float[Array, "seq embedding_size"], *, positions: Positions | None = None
+        self,
+        x: Float[Array, "seq embedding_size"],
+        *,
+        positions: Positions | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq embedding_size"]:
         """**Arguments:**
 
         - `x`: array of shape `(seq, embedding_size)`.
         - `positions`: integer position of each row, shape `(seq,)`; defaults to
           `arange(seq)`.
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 
@@ -282,9 +297,17 @@ class SinusoidalPositionalEmbedding(eqx.Module):
                 f"x.shape[-1] must equal embedding_size={self.embedding_size}, got {size}"
             )
         positions = _default_positions(positions, seq)
-        return (x + self.encoding(positions)).astype(x.dtype)
+        dtype = _promote(x.dtype, self.dtype)
+        return (x.astype(dtype) + self.encoding(positions).astype(dtype)).astype(x.dtype)
 
 
 def _default_float() -> np.dtype:
     # float32, or float64 in 64-bit mode, without creating an array.
     return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def _promote(a, b) -> np.dtype:
+    # jnp's standard promotion, asked for explicitly: under strict promotion the casts that
+    # follow are then explicit too.
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.promote_types(a, b)
