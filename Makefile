@@ -37,6 +37,7 @@ format: $(VENV)/.stamp-test
 docs: $(VENV)/.stamp-docs
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-# Load the built site in headless Chromium (Debian's `chromium`; not needed by CI).
-docs-check: docs
+# Load the built site in headless Chromium, offline, through Playwright
+# (needs Debian's `chromium`: apt-get install chromium; not run by CI).
+docs-check: docs $(VENV)/.stamp-docs-check
 	$(PY) docs/scripts/check_site.py

@@ -47,7 +47,7 @@ def _visible(q_seq, kv_seq, *, is_causal, local_window_size, query_seq_length, k
     return ok
 
 
-def _reference(q, k, v, sinks, **options):
+def _reference(q, k, v, sinks, bias=None, **options):
     """jax.nn attention over the keys plus one zero key/value whose bias is the sink logit."""
     (q_seq, num_heads, qk_size), (kv_seq, num_kv_heads, _) = q.shape, k.shape
     ok = _visible(
@@ -61,7 +61,10 @@ def _reference(q, k, v, sinks, **options):
     ok = np.concatenate([ok, np.ones((q_seq, 1), bool)], axis=1)
     k = jnp.concatenate([k, jnp.zeros((1, num_kv_heads, qk_size))])
     v = jnp.concatenate([v, jnp.zeros((1,) + v.shape[1:])])
-    bias = jnp.zeros((num_heads, q_seq, kv_seq + 1)).at[:, :, kv_seq].set(sinks[:, None])
+    bias = jnp.zeros((num_heads, q_seq, kv_seq)) if bias is None else bias
+    bias = jnp.concatenate(
+        [bias, jnp.broadcast_to(sinks[:, None, None], (num_heads, q_seq, 1))], -1
+    )
     out = jax.nn.dot_product_attention(
         q[None], k[None], v[None], bias[None], jnp.asarray(ok)[None, None],
         scale=1 / math.sqrt(qk_size), implementation="xla",
@@ -79,7 +82,8 @@ def _value_and_grads(fn, args, cotangent):
 
 
 def _assert_close(actual, expected, what):
-    for name, a, e in zip(("out", "dq", "dk", "dv", "dsinks"), actual, expected, strict=True):
+    names = ("out", "dq", "dk", "dv", "dsinks", "dbias")
+    for name, a, e in zip(names[: len(actual)], actual, expected, strict=True):
         assert a.shape == e.shape, (what, name)
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), err_msg=f"{what}: {name}", **TOL)
 
@@ -89,6 +93,7 @@ CASES = {
     "gqa_causal": (13, 13, 2, {"is_causal": True}),
     "bottom_right_causal": (9, 21, 2, {"is_causal": True}),
     "window": (17, 17, 4, {"local_window_size": (3, 1)}),
+    "bias_gqa_causal": (13, 13, 2, {"is_causal": True, "bias": True}),
     "lengths": (13, 19, 1, {"query_seq_length": 10, "key_value_seq_length": 12}),
     # Rows 5.. see no key (window (1, 1) around them, keys only up to 3): only the sink.
     "empty_rows": (8, 8, 2, {"local_window_size": (1, 1), "key_value_seq_length": 3}),
@@ -104,12 +109,14 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_extra_zero_key(case, rng, monkeypatch):
     q_seq, kv_seq, num_kv_heads, options = CASES[case]
+    options = dict(options)
+    with_bias = options.pop("bias", False)
     q = _normal(rng, q_seq, 4, 8)
     k, v = _normal(rng, kv_seq, num_kv_heads, 8), _normal(rng, kv_seq, num_kv_heads, 8)
     # Spread over +-3 so that some heads' sinks dominate and others barely matter.
     sinks = 3 * _normal(rng, 4)
     cotangent = _normal(rng, q_seq, 4, 8)
-    args = (q, k, v, sinks)
+    args = (q, k, v, sinks) + ((_normal(rng, 4, q_seq, kv_seq),) if with_bias else ())
     expected = _value_and_grads(lambda *a: _reference(*a, **options), args, cotangent)
     out, grads = expected
     assert np.all(np.isfinite(np.asarray(out)))
@@ -117,8 +124,8 @@ def test_matches_extra_zero_key(case, rng, monkeypatch):
         with monkeypatch.context() as patch:
             for name, size in SMALL_BLOCKS.items():
                 patch.setattr(kernels, name, size)
-            fn = lambda q, k, v, s, impl=impl: ea.dot_product_attention(  # noqa: E731
-                q, k, v, sinks=s, implementation=impl, **options
+            fn = lambda q, k, v, s, b=None, impl=impl: ea.dot_product_attention(  # noqa: E731
+                q, k, v, b, sinks=s, implementation=impl, **options
             )
             got = _value_and_grads(fn, args, cotangent)
         _assert_close((got[0], *got[1]), (out, *grads), impl)

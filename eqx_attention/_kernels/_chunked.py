@@ -212,25 +212,28 @@ def _flash_bwd(blocks, residuals, cotangents):
     # The log-sum-exp output is a residual for the caller, not differentiated through.
     d_out, _ = cotangents
     q, k, v, bias, spec, out, lse = residuals
+    d_out = d_out.astype(jnp.float32)
+    delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)
 
-    def backward(spec, bias, q, k, v, out, lse, d_out):
-        return _backward(q, k, v, bias, spec, out, lse, d_out, blocks)
+    def backward(spec, bias, q, k, v, lse, delta, d_out):
+        return _backward(q, k, v, bias, spec, lse, delta, d_out, blocks)
 
-    dq, dk, dv, dbias, dsinks = _per_kv_head(backward, spec, bias, q, k, v, out, lse, d_out)
+    dq, dk, dv, dbias = _per_kv_head(backward, spec, bias, q, k, v, lse, delta, d_out)
     if dbias is not None:
         # A bias shared by all heads collects every head's gradient.
         dbias = dbias[:, 0] if bias.shape[0] > 1 else jnp.sum(dbias, axis=0)
         dbias = dbias.astype(bias.dtype)
-    dspec = spec_cotangent(spec, None if dsinks is None else dsinks[:, 0])
-    return dq[:, 0], dk[:, 0], dv[:, 0], dbias, dspec
+    dsinks = None if spec.sinks is None else sink_grad(spec.sinks, lse, delta)
+    return dq[:, 0], dk[:, 0], dv[:, 0], dbias, spec_cotangent(spec, dsinks)
 
 
-def _backward(q, k, v, bias, spec: AttentionSpec, out, lse, d_out, blocks):
-    """Gradients `(dq, dk, dv, dbias, dsinks)`, looping over key blocks outside, queries inside."""
+def _backward(q, k, v, bias, spec: AttentionSpec, lse, delta, d_out, blocks):
+    """Gradients `(dq, dk, dv, dbias)`, looping over key blocks outside, queries inside.
+
+    `delta = rowsum(d_out * out)`, in float32 like `d_out`.
+    """
     block_q, block_k, fine_q, _ = blocks
     Sp = k.shape[1]
-    d_out = d_out.astype(jnp.float32)
-    delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)
 
     def one_kv_block(acc, j):
         dq, dbias = acc
@@ -272,8 +275,7 @@ def _backward(q, k, v, bias, spec: AttentionSpec, out, lse, d_out, blocks):
     # [num_k, K, bk, ...] -> [K, num_k * bk, ...]
     dk = jnp.moveaxis(dk, 0, 1).reshape(k.shape)
     dv = jnp.moveaxis(dv, 0, 1).reshape(v.shape)
-    dsinks = None if spec.sinks is None else sink_grad(spec.sinks, lse, delta)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, dsinks
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
