@@ -199,12 +199,9 @@ class RotaryPositionalEmbedding(eqx.Module):
             _inverse_frequencies(self.rotary_size, self.theta, self.scaling, _default_float())
         )
         angles = positions.astype(inv_freq.dtype)[:, None] * inv_freq[None, :]
-        # Rotate in the promotion of the input and table dtypes, cast explicitly so that a
-        # half-precision input also works under strict dtype promotion.
-        dtype = _promote(x.dtype, self.dtype)
-        cos = jnp.cos(angles).astype(self.dtype).astype(dtype)
-        sin = jnp.sin(angles).astype(self.dtype).astype(dtype)
-        rot, rest = x[:, : self.rotary_size].astype(dtype), x[:, self.rotary_size :]
+        cos = jnp.cos(angles).astype(self.dtype)
+        sin = jnp.sin(angles).astype(self.dtype)
+        rot, rest = x[:, : self.rotary_size], x[:, self.rotary_size :]
         if self.interleaved:
             # Channels (2i, 2i+1) rotate together: the partner of an even channel is the
             # next one, negated; of an odd channel the previous one.
@@ -297,17 +294,9 @@ class SinusoidalPositionalEmbedding(eqx.Module):
                 f"x.shape[-1] must equal embedding_size={self.embedding_size}, got {size}"
             )
         positions = _default_positions(positions, seq)
-        dtype = _promote(x.dtype, self.dtype)
-        return (x.astype(dtype) + self.encoding(positions).astype(dtype)).astype(x.dtype)
+        return (x + self.encoding(positions)).astype(x.dtype)
 
 
 def _default_float() -> np.dtype:
     # float32, or float64 in 64-bit mode, without creating an array.
     return jax.dtypes.canonicalize_dtype(jnp.float64)
-
-
-def _promote(a, b) -> np.dtype:
-    # jnp's standard promotion, asked for explicitly: under strict promotion the casts that
-    # follow are then explicit too.
-    with jax.numpy_dtype_promotion("standard"):
-        return jnp.promote_types(a, b)
