@@ -105,8 +105,8 @@ def dot_product_attention(
       reference, differentiable in both modes), `"chunked"` (flash-style blocks, O(q_seq)
       memory, skips fully masked blocks; reverse-mode differentiation only) or `"cudnn"`
       (GPU, half precision; raises a `ValueError` naming what it cannot do). `None` picks
-      cuDNN on a GPU when it supports the call, else `"xla"` for at most 192 x 192 logits
-      per head, else `"chunked"`.
+      cuDNN on a GPU when it supports the call, else `"xla"` for small problems, else
+      `"chunked"` (the threshold is in the implementations guide).
     - `return_residual`: also return each row's log-sum-exp of the (masked, scaled, biased)
       logits, as `jax.nn.dot_product_attention(..., return_residual=True)` does. With it,
       attentions over disjoint key sets merge exactly: for outputs `o_i` with log-sum-exps

@@ -18,9 +18,11 @@ BLOCK_K = 512
 # cost less per logit (benchmarks/tiles.py).
 FINE_Q = 256
 FINE_K = 256
-# Up to this many logits per head the one-shot reference beats the blockwise loop on CPU,
-# forward and backward (by 25-30% at 192 x 192); at 256 x 256 the two are even, within a few
-# percent either way depending on head count and size, and past that the loop is ahead.
+# The one place in code for the threshold (docs/guides/implementations.md states it for
+# users, and tests/test_kernels.py checks that the two agree). Up to this many logits per head
+# the one-shot reference beats the blockwise loop on CPU, forward and backward (by 25-30% at
+# 192 x 192); at 256 x 256 the two are even, within a few percent either way depending on
+# head count and size, and past that the loop is ahead.
 XLA_MAX_LOGITS = 192 * 192
 
 
@@ -34,8 +36,8 @@ def choose_implementation(
     """Resolve `implementation=None` and check that cuDNN can run an explicit `"cudnn"`.
 
     The automatic rule: cuDNN on a GPU whenever it supports the configuration; otherwise the
-    materialising `"xla"` reference for small problems (at most 192 x 192 logits per head),
-    where one fused softmax beats a loop; otherwise the blockwise `"chunked"` kernel.
+    materialising `"xla"` reference for small problems (at most `XLA_MAX_LOGITS` logits per
+    head), where one fused softmax beats a loop; otherwise the blockwise `"chunked"` kernel.
     """
     why_not_cudnn = cudnn_unsupported(spec, dtype, qk_size, vo_size)
     if implementation == "cudnn" and why_not_cudnn is not None:
