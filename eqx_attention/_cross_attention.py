@@ -128,15 +128,19 @@ class CrossAttention(eqx.Module):
         qk_channels: int | None = None,
         v_channels: int | None = None,
         output_size: int | None = None,
-        shape_for_attn: Literal["q", "kv"] = "q",
         use_bias: bool = True,
         dropout_p: float = 0.0,
         inference: bool = False,
         dtype: Any = None,
         *,
+        shape_for_attn: Literal["q", "kv"] = "q",
         key: PRNGKeyArray,
     ):
-        """**Arguments:**
+        """After the sizes, the positional arguments follow flax-extra's `Attention` (widths,
+        `use_bias`, `dropout_rate`, `deterministic`); `shape_for_attn`, which picks between
+        its `QKVAttention` and `KVQAttention`, is keyword only.
+
+        **Arguments:**
 
         - `num_heads`: number of attention heads.
         - `query_size`: channels of the query input.
@@ -146,11 +150,12 @@ class CrossAttention(eqx.Module):
         - `v_channels`: total value width; defaults to `qk_channels`.
         - `output_size`: output channels; defaults to `v_channels` (`"q"`) or `query_size`
           (`"kv"`).
-        - `shape_for_attn`: which input the default widths follow, `"q"` or `"kv"`.
         - `use_bias`: biases on all four projections.
         - `dropout_p`: dropout probability on the attention weights.
         - `inference`: if `True`, no dropout (see `eqx.nn.inference_mode`).
         - `dtype`: parameter dtype; defaults to the default float dtype.
+        - `shape_for_attn`: which input the default widths follow, `"q"` or `"kv"`. (Keyword
+          only.)
         - `key`: PRNG key for the initialisation.
         """
         if qk_channels is None:
@@ -313,6 +318,6 @@ class KVQAttention(CrossAttention):
         """**Arguments:** as for [`eqx_attention.CrossAttention`][], without
         `shape_for_attn`."""
         super().__init__(
-            num_heads, query_size, kv_size, qk_channels, v_channels, output_size, "kv",
-            use_bias, dropout_p, inference, dtype, key=key,
+            num_heads, query_size, kv_size, qk_channels, v_channels, output_size, use_bias,
+            dropout_p, inference, dtype, shape_for_attn="kv", key=key,
         )  # fmt: skip

@@ -497,3 +497,25 @@ def test_kvq_attention_is_a_class(getkey):
     assert eqx.tree_equal(
         kvq.attention, ea.CrossAttention(2, 8, 6, shape_for_attn="kv", key=key).attention
     )
+
+
+def test_flax_extra_positional_arguments_mean_the_same(getkey):
+    """After the sizes an Equinox layer needs, positional arguments follow flax-extra's
+    order; arguments flax-extra lacks are keyword only."""
+    # flax-extra: FourierPositionEncoding(seqshape, n_bands, spatial_coordinate_bounds,
+    # use_spatial_coordinates, use_sine_only).
+    positional = ea.FourierPositionEncoding((4,), 2, (-2, 1), False, True)
+    keyword = ea.FourierPositionEncoding(
+        (4,), 2, bounds=(-2, 1), concat_positions=False, sine_only=True
+    )
+    np.testing.assert_array_equal(positional(), keyword())
+    assert positional.bounds == (-2.0, 1.0) and not positional.concat_positions
+    with pytest.raises(TypeError):
+        ea.FourierPositionEncoding((4,), 2, (-2, 1), False, True, (8,))
+    # flax-extra: Attention(n_heads, d_qk, d_v, d_output, ..., use_bias, dropout_rate,
+    # deterministic); here after the two input sizes.
+    cross = ea.CrossAttention(2, 8, 6, None, None, None, False, 0.25, True, key=getkey())
+    assert not cross.attention.use_query_bias
+    assert (cross.attention.dropout.p, cross.attention.dropout.inference) == (0.25, True)
+    with pytest.raises(TypeError):
+        ea.CrossAttention(2, 8, 6, None, None, None, False, 0.25, True, None, "kv", key=getkey())
