@@ -4,12 +4,22 @@ Both caches describe their contents the same way: every slot holds the key and v
 absolute token position (or is empty, position `-1`). Attention over a cache is then plain
 causal (and windowed) attention on absolute positions, whatever the layout of the slots, so
 a linear buffer and a ring buffer share one masking rule.
+
+The protocol attention relies on, so that it never asks which cache it holds:
+
+- `length`: the number of tokens written so far (the position of the next one);
+- `check_call(mask, bias, window)`: raise a `ValueError` for call options the cache cannot
+  serve;
+- `update(keys, values) -> (keys, values, positions, cache)`: write the new tokens and
+  return what the new queries attend to, with each slot's absolute position.
 """
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, DTypeLike, Float, Int
+
+from ._spec import Window
 
 EMPTY = -1
 
@@ -41,6 +51,10 @@ class KVCache(eqx.Module):
     @property
     def max_length(self) -> int:
         return self.keys.shape[0]
+
+    def check_call(self, mask: Array | None, bias: Array | None, window: Window | None):
+        """Every mask, bias and window works on a linear buffer: nothing to refuse."""
+        del mask, bias, window
 
     def update(
         self,
@@ -106,6 +120,17 @@ class SlidingWindowKVCache(eqx.Module):
     def window(self) -> int:
         return self.keys.shape[0]
 
+    def check_call(self, mask: Array | None, bias: Array | None, window: Window | None):
+        """The ring holds only the last `window` tokens: calls must not look further back,
+        and have no dense mask or bias (whose columns would follow the ring's slots)."""
+        if window is None or window[0] > self.window:
+            raise ValueError(
+                f"a SlidingWindowKVCache of window={self.window} needs local_window_size with "
+                f"a left window <= {self.window}, got local_window_size={window}"
+            )
+        if mask is not None or bias is not None:
+            raise ValueError("mask and bias are not supported with a SlidingWindowKVCache")
+
     def update(
         self,
         keys: Float[Array, "new num_kv_heads qk_size"],
@@ -165,7 +190,7 @@ def _empty(name: str, slots: int, num_kv_heads: int, qk_size: int, vo_size: int,
 def cache_mask(
     query_positions: Int[Array, " q_seq"],
     key_positions: Int[Array, " slots"],
-    window: tuple[int, int] | None,
+    window: Window | None,
 ) -> Bool[Array, "q_seq slots"]:
     """Causal (and windowed) visibility on absolute positions; empty slots are hidden."""
     q = query_positions[:, None]

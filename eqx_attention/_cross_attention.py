@@ -6,6 +6,7 @@ import equinox as eqx
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._functional import MaskArray, dot_product_attention
+from ._kernels import Implementation
 from ._mha import MultiheadAttention
 
 Weights = Float[Array, "num_heads q_seq kv_seq"]
@@ -13,12 +14,12 @@ Weights = Float[Array, "num_heads q_seq kv_seq"]
 
 def attend(
     query: Float[Array, "q_seq num_heads qk_size"],
-    key: Float[Array, "kv_seq num_heads qk_size"],
+    key_: Float[Array, "kv_seq num_heads qk_size"],
     value: Float[Array, "kv_seq num_heads v_size"],
     mask: MaskArray | None = None,
     *,
     dropout_p: float = 0.0,
-    key_: PRNGKeyArray | None = None,
+    key: PRNGKeyArray | None = None,
     inference: bool = False,
 ) -> Float[Array, "q_seq num_heads*v_size"]:
     """Multi-head scaled dot-product attention with the heads concatenated, as flax-extra's
@@ -30,26 +31,33 @@ def attend(
     **Arguments:**
 
     - `query`: `(q_seq, num_heads, qk_size)`.
-    - `key`: `(kv_seq, num_heads, qk_size)`.
+    - `key_`: `(kv_seq, num_heads, qk_size)`.
     - `value`: `(kv_seq, num_heads, v_size)`.
     - `mask`: optional boolean mask `(q_seq, kv_seq)` or `(num_heads, q_seq, kv_seq)`, any
       axis possibly 1 to broadcast; `False` hides a pair. See
       [`eqx_attention.cross_attention_mask`][].
     - `dropout_p`: dropout probability on the attention weights.
-    - `key_`: PRNG key for dropout; required when `dropout_p > 0` and not `inference`.
+    - `key`: PRNG key for dropout; required when `dropout_p > 0` and not `inference`. As
+      in [`eqx_attention.MultiheadAttention`][] and Equinox, `key_` is the attention key
+      and `key` the PRNG key. (Keyword only.)
     - `inference`: turn dropout off.
 
     **Returns:**
 
     Array of shape `(q_seq, num_heads * v_size)`.
     """
+    if dropout_p > 0 and not inference and key is None:
+        raise ValueError(
+            f"attend(dropout_p={dropout_p}) needs a PRNG `key` when not in inference mode; "
+            "pass key=... or inference=True"
+        )
     out = dot_product_attention(
         query,
-        key,
+        key_,
         value,
         mask=mask,
         dropout_p=0.0 if inference else dropout_p,
-        dropout_key=None if inference else key_,
+        dropout_key=None if inference else key,
     )
     return out.reshape(out.shape[0], -1)
 
@@ -120,15 +128,19 @@ class CrossAttention(eqx.Module):
         qk_channels: int | None = None,
         v_channels: int | None = None,
         output_size: int | None = None,
-        shape_for_attn: Literal["q", "kv"] = "q",
         use_bias: bool = True,
         dropout_p: float = 0.0,
         inference: bool = False,
         dtype: Any = None,
         *,
+        shape_for_attn: Literal["q", "kv"] = "q",
         key: PRNGKeyArray,
     ):
-        """**Arguments:**
+        """After the sizes, the positional arguments follow flax-extra's `Attention` (widths,
+        `use_bias`, `dropout_rate`, `deterministic`); `shape_for_attn`, which picks between
+        its `QKVAttention` and `KVQAttention`, is keyword only.
+
+        **Arguments:**
 
         - `num_heads`: number of attention heads.
         - `query_size`: channels of the query input.
@@ -138,11 +150,12 @@ class CrossAttention(eqx.Module):
         - `v_channels`: total value width; defaults to `qk_channels`.
         - `output_size`: output channels; defaults to `v_channels` (`"q"`) or `query_size`
           (`"kv"`).
-        - `shape_for_attn`: which input the default widths follow, `"q"` or `"kv"`.
         - `use_bias`: biases on all four projections.
         - `dropout_p`: dropout probability on the attention weights.
         - `inference`: if `True`, no dropout (see `eqx.nn.inference_mode`).
         - `dtype`: parameter dtype; defaults to the default float dtype.
+        - `shape_for_attn`: which input the default widths follow, `"q"` or `"kv"`. (Keyword
+          only.)
         - `key`: PRNG key for the initialisation.
         """
         if qk_channels is None:
@@ -164,7 +177,7 @@ class CrossAttention(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
-        implementation: str | None = None,
+        implementation: Implementation | None = None,
         return_weights: bool = False,
     ) -> Float[Array, "q_seq output_size"] | tuple[Float[Array, "q_seq output_size"], Weights]:
         """**Arguments:**
@@ -248,7 +261,7 @@ class SelfAttention(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
         inference: bool | None = None,
-        implementation: str | None = None,
+        implementation: Implementation | None = None,
         return_weights: bool = False,
     ) -> Float[Array, "seq output_size"] | tuple[Float[Array, "seq output_size"], Weights]:
         """**Arguments:**
@@ -275,10 +288,36 @@ QKVAttention = CrossAttention
 """flax-extra's name for [`eqx_attention.CrossAttention`][] with `shape_for_attn="q"`."""
 
 
-def KVQAttention(num_heads: int, query_size: int, kv_size: int, **kwargs: Any) -> CrossAttention:
+class KVQAttention(CrossAttention):
     """flax-extra's `KVQAttention`: a [`eqx_attention.CrossAttention`][] with
     `shape_for_attn="kv"` (widths follow the key/value input, the output follows the query).
 
     Takes the same arguments as `CrossAttention` apart from `shape_for_attn`.
+
+    ```python
+    attn = eqx_attention.KVQAttention(1, 64, 19, key=jax.random.key(0))
+    attn(jnp.ones((16, 64)), jnp.ones((100, 19))).shape   # (16, 64)
+    ```
     """
-    return CrossAttention(num_heads, query_size, kv_size, shape_for_attn="kv", **kwargs)
+
+    def __init__(
+        self,
+        num_heads: int,
+        query_size: int,
+        kv_size: int,
+        qk_channels: int | None = None,
+        v_channels: int | None = None,
+        output_size: int | None = None,
+        use_bias: bool = True,
+        dropout_p: float = 0.0,
+        inference: bool = False,
+        dtype: Any = None,
+        *,
+        key: PRNGKeyArray,
+    ):
+        """**Arguments:** as for [`eqx_attention.CrossAttention`][], without
+        `shape_for_attn`."""
+        super().__init__(
+            num_heads, query_size, kv_size, qk_channels, v_channels, output_size, use_bias,
+            dropout_p, inference, dtype, shape_for_attn="kv", key=key,
+        )  # fmt: skip

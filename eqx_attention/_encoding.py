@@ -35,7 +35,7 @@ class Encoding(eqx.Module):
 
     preprocessing: Callable[[Array], Array] | None
     positional_encoding: Callable[[Positions | None], Array] | None
-    aggregation: Callable[[Array, Array], Array] = eqx.field(static=True)
+    aggregation: Callable[[Array, Array], Array]
 
     def __init__(
         self,
@@ -57,12 +57,16 @@ class Encoding(eqx.Module):
         self.positional_encoding = positional_encoding
         self.aggregation = aggregation
 
-    def __call__(self, inputs: Array, positions: Positions | None = None) -> Float[Array, "seq d"]:
+    def __call__(
+        self, inputs: Array, positions: Positions | None = None, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq d"]:
         """**Arguments:**
 
         - `inputs`: the raw input of one example.
         - `positions`: when `inputs` holds only some positions of the full grid, their
           indices, so the positional encoding is evaluated there; one per sequence element.
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 
@@ -107,10 +111,14 @@ class Decoding(eqx.Module):
         self.embedding_decoding = embedding_decoding
         self.postprocessing = postprocessing
 
-    def __call__(self, outputs: Float[Array, "seq size"]) -> Array:
+    def __call__(
+        self, outputs: Float[Array, "seq size"], *, key: PRNGKeyArray | None = None
+    ) -> Array:
         """**Arguments:**
 
         - `outputs`: model outputs of shape `(seq, size)`.
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 
@@ -153,10 +161,14 @@ class EmbedDecoding(eqx.Module):
         self.embedding = embedding
         self.bias = jnp.zeros(embedding.shape[0], embedding.dtype)
 
-    def __call__(self, x: Float[Array, "*positions size"]) -> Float[Array, "*positions vocab"]:
+    def __call__(
+        self, x: Float[Array, "*positions size"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*positions vocab"]:
         """**Arguments:**
 
         - `x`: one vector `(size,)` or an array of them.
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 
@@ -220,11 +232,16 @@ class MultimodalPositionalEncoding(eqx.Module):
         self.paddings = _paddings(widths, d_reserved, dtype, key)
 
     def __call__(
-        self, positions: Sequence[Positions | None] | None = None
+        self,
+        positions: Sequence[Positions | None] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "seq channels"], tuple[int, ...]]:
         """**Arguments:**
 
         - `positions`: optional per-modality position subsets (`None` entries mean all).
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 
@@ -356,11 +373,19 @@ class MultimodalDecoding(eqx.Module):
         self.modalities = tuple(modalities)
         self.embedding_decoding = embedding_decoding
 
-    def __call__(self, outputs: Float[Array, "seq size"], lengths: Sequence[int]) -> list[Array]:
+    def __call__(
+        self,
+        outputs: Float[Array, "seq size"],
+        lengths: Sequence[int],
+        *,
+        key: PRNGKeyArray | None = None,
+    ) -> list[Array]:
         """**Arguments:**
 
         - `outputs`: the multimodal sequence, `(seq, size)`.
         - `lengths`: the length of each modality's part, summing to `seq`.
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 

@@ -20,7 +20,7 @@ class FeedForward(eqx.Module):
 
     hidden: eqx.nn.Linear
     output: eqx.nn.Linear
-    activation: Callable[[Array], Array] = eqx.field(static=True)
+    activation: Callable[[Array], Array]
 
     def __init__(
         self,
@@ -48,10 +48,14 @@ class FeedForward(eqx.Module):
         self.output = eqx.nn.Linear(hidden_size, size, dtype=dtype, key=output_key)
         self.activation = activation
 
-    def __call__(self, x: Float[Array, "*positions size"]) -> Float[Array, "*positions size"]:
+    def __call__(
+        self, x: Float[Array, "*positions size"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*positions size"]:
         """**Arguments:**
 
         - `x`: one vector `(size,)` or any array of them, `(*positions, size)`.
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 

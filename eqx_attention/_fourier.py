@@ -4,7 +4,7 @@ import math
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 
 class FourierPositionEncoding(eqx.Module):
@@ -41,20 +41,25 @@ class FourierPositionEncoding(eqx.Module):
         self,
         index_shape: tuple[int, ...],
         num_bands: int,
-        max_resolution: tuple[float | int, ...] | None = None,
+        bounds: tuple[float | int, float | int] = (-1.0, 1.0),
         concat_positions: bool = True,
         sine_only: bool = False,
-        bounds: tuple[float | int, float | int] = (-1.0, 1.0),
+        *,
+        max_resolution: tuple[float | int, ...] | None = None,
     ):
-        """**Arguments:**
+        """The positional arguments are flax-extra's (`seqshape, n_bands,
+        spatial_coordinate_bounds, use_spatial_coordinates, use_sine_only`), in its order;
+        `max_resolution`, which flax-extra does not have, is keyword only.
+
+        **Arguments:**
 
         - `index_shape`: shape of the grid, e.g. `(height, width)` or `(time,)`.
         - `num_bands`: number of frequency bands per axis.
-        - `max_resolution`: per-axis resolution whose Nyquist frequency is the highest band;
-          defaults to `index_shape`.
+        - `bounds`: `(lower, upper)` coordinates of the first and last grid point of every axis.
         - `concat_positions`: put the raw coordinates in front of the Fourier features.
         - `sine_only`: use only the sine features.
-        - `bounds`: `(lower, upper)` coordinates of the first and last grid point of every axis.
+        - `max_resolution`: per-axis resolution whose Nyquist frequency is the highest band;
+          defaults to `index_shape`. (Keyword only.)
         """
         index_shape = tuple(int(n) for n in index_shape)
         if not index_shape or min(index_shape) < 1:
@@ -90,11 +95,15 @@ class FourierPositionEncoding(eqx.Module):
         phases = 1 if self.sine_only else 2
         return d * self.num_bands * phases + (d if self.concat_positions else 0)
 
-    def __call__(self, positions: Int[Array, " n"] | None = None) -> Float[Array, "n channels"]:
+    def __call__(
+        self, positions: Int[Array, " n"] | None = None, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "n channels"]:
         """**Arguments:**
 
         - `positions`: optional flat indices into `index_shape` (each in
           `[0, num_positions)`); defaults to every position in row-major order.
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 

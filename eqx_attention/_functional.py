@@ -4,9 +4,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Inexact, Int, PRNGKeyArray
 
 from ._kernels import (
+    Implementation,
     choose_implementation,
     chunked_attention,
     cudnn_attention,
@@ -16,15 +17,28 @@ from ._kernels import (
 from ._spec import AttentionSpec, MaskMod, ScoreMod, as_data
 from ._vma import vma
 
-BiasArray = Float[Array, "#num_heads #q_seq #kv_seq"] | Float[Array, "#q_seq #kv_seq"]
-MaskArray = Bool[Array, "#num_heads #q_seq #kv_seq"] | Bool[Array, "#q_seq #kv_seq"]
+# A `(kv_seq,)` array is a key-padding mask (or a per-key bias) shared by every query.
+BiasArray = (
+    Float[Array, "#num_heads #q_seq #kv_seq"]
+    | Float[Array, "#q_seq #kv_seq"]
+    | Float[Array, "#kv_seq"]
+)
+MaskArray = (
+    Bool[Array, "#num_heads #q_seq #kv_seq"]
+    | Bool[Array, "#q_seq #kv_seq"]
+    | Bool[Array, "#kv_seq"]
+)
 Length = int | Int[Array, ""]
+# An array rate can be changed (with `eqx.tree_at`, or traced) without recompiling.
+DropoutRate = float | int | Float[Array, ""]
+Output = Float[Array, "q_seq num_heads vo_size"]
+Residual = Float[Array, "q_seq num_heads"]
 
 
 def dot_product_attention(
-    query: Float[Array, "q_seq num_heads qk_size"],
-    key: Float[Array, "kv_seq num_kv_heads qk_size"],
-    value: Float[Array, "kv_seq num_kv_heads vo_size"],
+    query: Inexact[Array, "q_seq num_heads qk_size"],
+    key: Inexact[Array, "kv_seq num_kv_heads qk_size"],
+    value: Inexact[Array, "kv_seq num_kv_heads vo_size"],
     bias: BiasArray | None = None,
     mask: MaskArray | None = None,
     *,
@@ -39,10 +53,11 @@ def dot_product_attention(
     mask_mod: MaskMod | None = None,
     score_mod: ScoreMod | None = None,
     sinks: Float[Array, " num_heads"] | None = None,
-    dropout_p: float | int = 0.0,
+    dropout_p: DropoutRate = 0.0,
     dropout_key: PRNGKeyArray | None = None,
-    implementation: str | None = None,
-) -> Float[Array, "q_seq num_heads vo_size"]:
+    implementation: Implementation | None = None,
+    return_residual: bool = False,
+) -> Output | tuple[Output, Residual]:
     r"""Scaled dot-product attention of one example,
     $\mathrm{softmax}(\mathrm{mask}(s \cdot QK^\top + b))V$.
 
@@ -56,10 +71,11 @@ def dot_product_attention(
     - `query`: `(q_seq, num_heads, qk_size)`.
     - `key`: `(kv_seq, num_kv_heads, qk_size)`.
     - `value`: `(kv_seq, num_kv_heads, vo_size)`; `vo_size` may differ from `qk_size`.
-    - `bias`: optional float array added to the scaled logits, broadcastable to
-      `(num_heads, q_seq, kv_seq)` (ALiBi, relative position biases, additive masks).
-    - `mask`: optional boolean array broadcastable to `(num_heads, q_seq, kv_seq)`;
-      `False` marks a pair that may not attend.
+    - `bias`: optional float array added to the scaled logits, of shape
+      `(num_heads, q_seq, kv_seq)`, `(q_seq, kv_seq)` or `(kv_seq,)`, where any axis may
+      be 1 to broadcast (ALiBi, relative position biases, additive masks).
+    - `mask`: optional boolean array of the same shapes as `bias`; `False` marks a pair
+      that may not attend. A `(kv_seq,)` mask is a key-padding mask.
     - `scale`: logit scale; defaults to `1 / sqrt(qk_size)`.
     - `is_causal`: a query may only attend to keys at or before its own position.
     - `query_seq_length`, `key_value_seq_length`: the number of real (non-padding) query and
@@ -89,7 +105,8 @@ def dot_product_attention(
       weights sum to less than one and it can attend "nowhere" (gpt-oss, StreamingLLM).
       Differentiable; not supported by `"cudnn"`.
     - `dropout_p`: dropout probability on the attention weights; kept weights are divided by
-      `1 - dropout_p` so the output is unbiased.
+      `1 - dropout_p` so the output is unbiased. A Python number or a scalar array; a new
+      value of an array rate does not recompile a jitted caller.
     - `dropout_key`: PRNG key, required when `dropout_p > 0`. The dropout mask is a function
       of the key and the (head, query, key) indices only, so it is the same for every
       implementation.
@@ -97,20 +114,32 @@ def dot_product_attention(
       reference, differentiable in both modes), `"chunked"` (flash-style blocks, O(q_seq)
       memory, skips fully masked blocks; reverse-mode differentiation only) or `"cudnn"`
       (GPU, half precision; raises a `ValueError` naming what it cannot do). `None` picks
-      cuDNN on a GPU when it supports the call, else `"xla"` for at most 192 x 192 logits
-      per head, else `"chunked"`.
+      cuDNN on a GPU when it supports the call, else `"xla"` for small problems, else
+      `"chunked"` (the threshold is in the implementations guide).
+    - `return_residual`: also return each row's log-sum-exp of the (masked, scaled, biased)
+      logits, as `jax.nn.dot_product_attention(..., return_residual=True)` does. With it,
+      attentions over disjoint key sets merge exactly: for outputs `o_i` with log-sum-exps
+      `l_i`, `sum_i exp(l_i - l) o_i` with `l = logsumexp_i(l_i)`. With `sinks` the sink's
+      term is part of each row's log-sum-exp (so give the sinks to one part only).
 
     Positions are **bottom-right aligned**: query row `i` sits at key position
     `kv_seq - q_seq + i`. With `q_seq == kv_seq` this is ordinary self-attention; with fewer
     queries than keys (cached decoding, chunked prefill) the queries are the *last*
     positions. (`jax.nn.dot_product_attention` aligns causal masks top-left instead.)
 
-    Logits, softmax and accumulation run in float32 whatever the input dtype; a query row
-    that may attend to no key at all outputs exactly zero, with zero gradients.
+    Query, key and value are promoted together to one dtype (a bfloat16 query with float32
+    keys and values computes in float32), explicitly, so the function also runs under
+    `jax.numpy_dtype_promotion("strict")`. Logits, softmax and accumulation run in float32
+    whatever the input dtype; a query row that may attend to no key at all outputs exactly
+    zero, with zero gradients. Complex inputs are refused with a `ValueError`.
 
     **Returns:**
 
-    Array of shape `(q_seq, num_heads, vo_size)` with the dtype of `value`.
+    Array of shape `(q_seq, num_heads, vo_size)` in the promoted dtype of the inputs. With
+    `return_residual=True`, the tuple `(output, lse)` where `lse` is float32 of shape
+    `(q_seq, num_heads)` (jax.nn's layout, without the batch axis) and carries no gradient;
+    a row that sees no key has a large negative finite `lse` (about `-2.4e38`), which
+    weighs it out of a merge as `-inf` would.
     """
     spec, q, k, v, bias4 = _prepare(
         query,
@@ -132,21 +161,25 @@ def dot_product_attention(
         dropout_p=dropout_p,
         dropout_key=dropout_key,
     )
-    impl = choose_implementation(spec, query.dtype, implementation, query.shape[2], value.shape[2])
+    dtype = _input_dtype(query, key, value)
+    impl = choose_implementation(spec, dtype, implementation, query.shape[2], value.shape[2])
     if impl == "cudnn":
-        return cudnn_attention(query, key, value, bias, mask, spec)
-    if impl == "xla":
-        out = xla_attention(q, k, v, spec, bias4)
+        cast = (x.astype(dtype) for x in (query, key, value))
+        out, lse = cudnn_attention(*cast, bias, mask, spec)
     else:
-        out = chunked_attention(q, k, v, spec, bias4)
-    num_kv_heads, group, q_seq, vo_size = out.shape
-    out = jnp.transpose(out, (2, 0, 1, 3)).reshape(q_seq, num_kv_heads * group, vo_size)
-    return out.astype(value.dtype)
+        kernel = xla_attention if impl == "xla" else chunked_attention
+        out, lse = kernel(q, k, v, spec, bias4)
+        # [K, G, T, ...] -> [T, K * G, ...]: query head n is (n // G, n % G).
+        num_kv_heads, group, q_seq, vo_size = out.shape
+        out = jnp.transpose(out, (2, 0, 1, 3)).reshape(q_seq, num_kv_heads * group, vo_size)
+        lse = jnp.transpose(lse, (2, 0, 1)).reshape(q_seq, num_kv_heads * group)
+    out = out.astype(dtype)
+    return (out, lse) if return_residual else out
 
 
 def dot_product_attention_weights(
-    query: Float[Array, "q_seq num_heads qk_size"],
-    key: Float[Array, "kv_seq num_kv_heads qk_size"],
+    query: Inexact[Array, "q_seq num_heads qk_size"],
+    key: Inexact[Array, "kv_seq num_kv_heads qk_size"],
     bias: BiasArray | None = None,
     mask: MaskArray | None = None,
     *,
@@ -221,15 +254,18 @@ def _prepare(
     """Validate the arguments; build the spec and the kernels' `[K, G, T, D]` layout."""
     q_seq, num_heads, qk_size = query.shape
     kv_seq, num_kv_heads, _ = key.shape
+    dtypes = {"query": query.dtype, "key": key.dtype, "value": value.dtype}
+    if any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes.values()):
+        raise ValueError(
+            "complex inputs are unsupported: query, key and value must be real floating "
+            f"point, got dtypes {', '.join(f'{n}={d}' for n, d in dtypes.items())}"
+        )
     if num_heads % num_kv_heads:
         raise ValueError(
             f"num_heads={num_heads} (query.shape[1]) must be a multiple of "
             f"num_kv_heads={num_kv_heads} (key.shape[1])"
         )
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got dropout_p={dropout_p}")
-    if dropout_p > 0 and dropout_key is None:
-        raise ValueError(f"dropout_p={dropout_p} > 0 needs a dropout_key, got None")
+    dropout_rate = _dropout_rate(dropout_p, dropout_key)
     if (query_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError(
             "query_segment_ids and kv_segment_ids must be given together, got "
@@ -252,7 +288,7 @@ def _prepare(
         is_causal=bool(is_causal),
         window=window,
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
-        dropout_p=float(dropout_p),
+        dropout_p=dropout_rate,
         mask_mod=as_data(mask_mod, "mask_mod", axes, position, position),
         score_mod=as_data(
             score_mod, "score_mod", axes, jnp.float32(0), position, position, position
@@ -262,10 +298,10 @@ def _prepare(
         kv_length=_length(key_value_seq_length),
         q_segment_ids=query_segment_ids,
         kv_segment_ids=kv_segment_ids,
-        dropout_seed=_seed(dropout_key) if dropout_p > 0 else None,
+        dropout_seed=None if dropout_rate is None else _seed(dropout_key),
         sinks=None if sinks is None else sinks.astype(jnp.float32).reshape(num_kv_heads, group),
     )
-    dtype = _compute_dtype(query.dtype)
+    dtype = _compute_dtype(_input_dtype(query, key, value))
     q = query.astype(dtype).reshape(q_seq, num_kv_heads, group, qk_size).transpose(1, 2, 0, 3)
     k = key.astype(dtype).transpose(1, 0, 2)
     v = value.astype(dtype).transpose(1, 0, 2)
@@ -273,18 +309,49 @@ def _prepare(
     return spec, q, k, v, bias4
 
 
+def _input_dtype(query, key, value):
+    """The one dtype query, key and value promote to, as Flax promotes them together.
+
+    Promoted explicitly on jnp's standard lattice, so that mixed inputs also work under
+    `jax.numpy_dtype_promotion("strict")` (whose point is to make such casts explicit).
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.result_type(query.dtype, key.dtype, value.dtype)
+
+
 def _compute_dtype(dtype):
     # XLA:CPU runs half-precision matmuls far slower than float32, so upcast there; on
     # accelerators keep the half inputs and accumulate in float32 inside the kernels.
     if jax.default_backend() == "cpu" or jnp.dtype(dtype).itemsize >= 4:
-        return jnp.promote_types(dtype, jnp.float32)
+        with jax.numpy_dtype_promotion("standard"):
+            return jnp.promote_types(dtype, jnp.float32)
     return dtype
 
 
+def _dropout_rate(dropout_p, dropout_key) -> Float[Array, ""] | None:
+    """The rate as a float32 scalar array, or `None` for no dropout.
+
+    A concrete rate is checked here and a zero one switches dropout off statically. A traced
+    rate cannot be inspected: it needs a key, and a rate of zero then keeps every weight.
+    """
+    try:
+        rate = float(dropout_p)
+    except jax.errors.ConcretizationTypeError:
+        rate = None
+    if rate is not None:
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1), got dropout_p={dropout_p}")
+        if rate == 0.0:
+            return None
+    if dropout_key is None:
+        raise ValueError(f"dropout_p={dropout_p} > 0 needs a dropout_key, got None")
+    return jnp.asarray(dropout_p, jnp.float32)
+
+
 def _split_heads(x, num_kv_heads: int, group: int):
-    """`[N|1, T|1, S|1]` or `[T|1, S|1]` -> `[K|1, G|1, T|1, S|1]`."""
-    if x.ndim == 2:
-        return x[None, None]
+    """`[N|1, T|1, S|1]`, `[T|1, S|1]` or `[S]` -> `[K|1, G|1, T|1, S|1]`."""
+    if x.ndim < 3:
+        return x.reshape((1,) * (4 - x.ndim) + x.shape)
     if x.shape[0] == 1:
         return x[None]
     return x.reshape(num_kv_heads, group, *x.shape[1:])

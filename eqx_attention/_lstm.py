@@ -56,12 +56,14 @@ class LSTMCell(eqx.Module):
         return zeros, zeros
 
     def __call__(
-        self, carry: LSTMState, x: Float[Array, " input_size"]
+        self, carry: LSTMState, x: Float[Array, " input_size"], *, key: PRNGKeyArray | None = None
     ) -> tuple[LSTMState, Float[Array, " hidden_size"]]:
         """**Arguments:**
 
         - `carry`: `(c, h)`, each of shape `(hidden_size,)`.
         - `x`: input of shape `(input_size,)`.
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 
@@ -98,10 +100,14 @@ class LSTM(eqx.Module):
         """
         self.cell = LSTMCell(input_size, hidden_size, dtype, key=key)
 
-    def __call__(self, xs: Float[Array, "time input_size"]) -> Float[Array, " hidden_size"]:
+    def __call__(
+        self, xs: Float[Array, "time input_size"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, " hidden_size"]:
         """**Arguments:**
 
         - `xs`: input sequence of shape `(time, input_size)`.
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 

@@ -1,21 +1,25 @@
 """`MultiheadAttention`: Equinox's module on the fast core, with GQA, RoPE and KV caches."""
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Inexact, Int, PRNGKeyArray
 
 from ._cache import Cache, KVCache, SlidingWindowKVCache, cache_mask
+from ._convert import from_equinox, from_flax_nnx
 from ._functional import (
     BiasArray,
     MaskArray,
     dot_product_attention,
     dot_product_attention_weights,
 )
+from ._kernels import Implementation
 from ._positional import RotaryPositionalEmbedding
+from ._spec import Window
 
 ProcessHeads = Callable[
     [
@@ -103,21 +107,25 @@ class MultiheadAttention(eqx.Module):
         output_size: int | None = None,
         qk_size: int | None = None,
         vo_size: int | None = None,
-        num_kv_heads: int | None = None,
         use_query_bias: bool = False,
         use_key_bias: bool = False,
         use_value_bias: bool = False,
         use_output_bias: bool = False,
         dropout_p: float = 0.0,
-        normalize_qk: bool = False,
-        rope: RotaryPositionalEmbedding | None = None,
         inference: bool = False,
         dtype: Any = None,
         *,
+        num_kv_heads: int | None = None,
+        normalize_qk: bool = False,
+        rope: RotaryPositionalEmbedding | None = None,
         use_sinks: bool = False,
         key: PRNGKeyArray,
     ):
-        """**Arguments:**
+        """The arguments up to `dtype` are Equinox's, in Equinox's order, so a positional
+        call written for `equinox.nn.MultiheadAttention` means the same here; the others are
+        keyword only.
+
+        **Arguments:**
 
         - `num_heads`: number of query heads.
         - `query_size`: channels of the query input.
@@ -126,22 +134,27 @@ class MultiheadAttention(eqx.Module):
         - `output_size`: channels of the output; defaults to `query_size`.
         - `qk_size`, `vo_size`: per-head size of queries/keys and of values; default to
           `query_size // num_heads` (which must then divide exactly).
-        - `num_kv_heads`: number of key/value heads; defaults to `num_heads`. A divisor of
-          `num_heads` gives grouped-query attention, `1` multi-query attention.
         - `use_query_bias`, `use_key_bias`, `use_value_bias`, `use_output_bias`: whether
           each projection has a bias.
-        - `dropout_p`: dropout probability on the attention weights.
+        - `dropout_p`: dropout probability on the attention weights. It lives in the
+          `dropout` field (an `eqx.nn.Dropout`), where it may be replaced with
+          `eqx.tree_at(lambda m: m.dropout.p, mha, rate)`; an array rate changes without
+          recompiling a jitted caller.
+        - `inference`: if `True`, dropout is off; toggled by `eqx.nn.inference_mode`
+          (through the `dropout` field) or per call.
+        - `dtype`: parameter dtype; defaults to float32 (float64 in 64-bit mode).
+        - `num_kv_heads`: number of key/value heads; defaults to `num_heads`. A divisor of
+          `num_heads` gives grouped-query attention, `1` multi-query attention. (Keyword
+          only.)
         - `normalize_qk`: normalise each query and key head with a LayerNorm over `qk_size`
           (learned scale shared by the heads, no bias, epsilon `1e-6`) before the dot
           product, as ViT-22B and `flax.nnx.MultiHeadAttention(normalize_qk=True)` do.
+          (Keyword only.)
         - `rope`: optional [`eqx_attention.RotaryPositionalEmbedding`][] of size `qk_size`,
           applied to every query and key head at its absolute position (after the QK
           normalisation). Keys sit at positions `0..kv_seq - 1` and queries at
           `kv_seq - q_seq + i`, the alignment `is_causal` uses; with a cache, at the
-          positions of the tokens in the sequence.
-        - `inference`: if `True`, dropout is off; toggled by `eqx.nn.inference_mode`
-          (through the `dropout` field) or per call.
-        - `dtype`: parameter dtype; defaults to float32 (float64 in 64-bit mode).
+          positions of the tokens in the sequence. (Keyword only.)
         - `use_sinks`: learn one attention-sink logit per query head (the `sinks` field,
           `(num_heads,)`), which joins the softmax's normaliser as a key with a zero value
           (see `sinks` in [`eqx_attention.dot_product_attention`][]). Initialised from
@@ -216,42 +229,47 @@ class MultiheadAttention(eqx.Module):
         self.normalize_qk = normalize_qk
         self.use_sinks = use_sinks
 
+    @jax.named_scope("eqx_attention.MultiheadAttention")
     def __call__(
         self,
-        query: Float[Array, "q_seq q_size"],
-        key_: Float[Array, "kv_seq k_size"] | None = None,
-        value: Float[Array, "kv_seq v_size"] | None = None,
+        query: Inexact[Array, "q_seq q_size"],
+        key_: Inexact[Array, "kv_seq k_size"] | None = None,
+        value: Inexact[Array, "kv_seq v_size"] | None = None,
         mask: MaskArray | None = None,
         *,
+        key: PRNGKeyArray | None = None,
+        inference: bool | None = None,
+        deterministic: bool | None = None,
+        process_heads: ProcessHeads | None = None,
         bias: BiasArray | None = None,
         is_causal: bool = False,
         local_window_size: int | tuple[int, int] | None = None,
-        key: PRNGKeyArray | None = None,
-        inference: bool | None = None,
-        process_heads: ProcessHeads | None = None,
         cache: Cache | None = None,
-        implementation: str | None = None,
+        implementation: Implementation | None = None,
         return_weights: bool = False,
     ) -> Output | tuple[Output, Cache] | tuple[Output, Weights] | tuple[Output, Weights, Cache]:
-        """**Arguments:**
+        """The arguments Equinox has come first, in its order; the others are keyword only.
+
+        **Arguments:**
 
         - `query`: `(q_seq, query_size)`.
         - `key_`: `(kv_seq, key_size)`; defaults to `query` (self-attention).
         - `value`: `(kv_seq, value_size)`; defaults to `key_`.
         - `mask`: optional boolean mask, `(q_seq, kv_seq)` or `(num_heads, q_seq, kv_seq)`,
-          where any axis may have size 1 to broadcast (`(1, kv_seq)` is a key-padding mask);
+          where any axis may have size 1 to broadcast, or a key-padding mask `(kv_seq,)`;
           `False` hides a pair. With a `KVCache`, `kv_seq` is the cache's `max_length`
           (slot `p` holds position `p`).
+        - `key`: PRNG key for dropout. (Keyword only, as in Equinox.)
+        - `inference`: overrides the module's `inference` for this call.
+        - `deterministic`: deprecated in favour of `inference`, with Equinox's warning.
+        - `process_heads`: Equinox's hook, `process_heads(q, k, v) -> (q, k, v)` on the
+          `(seq, heads, size)` heads after QK normalisation and RoPE; `k` and `v` have
+          `num_kv_heads` heads. With a cache it sees only the new tokens.
         - `bias`: optional float bias added to the logits, same shapes as `mask`.
         - `is_causal`: causal attention, bottom-right aligned (query row `i` sits at key
           position `kv_seq - q_seq + i`). Implied by `cache`.
         - `local_window_size`: `w` or `(left, right)`: a query at position `p` sees keys in
           `[p - left, p + right]`.
-        - `key`: PRNG key for dropout. (Keyword only, as in Equinox.)
-        - `inference`: overrides the module's `inference` for this call.
-        - `process_heads`: Equinox's hook, `process_heads(q, k, v) -> (q, k, v)` on the
-          `(seq, heads, size)` heads after QK normalisation and RoPE; `k` and `v` have
-          `num_kv_heads` heads. With a cache it sees only the new tokens.
         - `cache`: a [`eqx_attention.KVCache`][] or [`eqx_attention.SlidingWindowKVCache`][]
           of earlier tokens. `query` then holds the next `q_seq` tokens (a prefill or a
           single step); `key_`/`value` must be left out; attention is causal over cached and
@@ -260,54 +278,47 @@ class MultiheadAttention(eqx.Module):
         - `return_weights`: also return the attention probabilities (computed separately
           from the output, which is unchanged; dropout is not applied to them).
 
+        Complex inputs are refused with a `ValueError`.
+
         **Returns:**
 
         The output, `(q_seq, output_size)`; with `return_weights=True` the tuple
         `(output, weights)` with weights `(num_heads, q_seq, kv_seq)`; with a cache the
         updated cache is appended: `(output, cache)` or `(output, weights, cache)`.
         """
+        if deterministic is not None:
+            inference = deterministic
+            warnings.warn(
+                "MultiheadAttention()(deterministic=...) is deprecated "
+                "in favour of MultiheadAttention()(inference=...)",
+                stacklevel=2,
+            )
         if cache is not None and (key_ is not None or value is not None):
             raise ValueError("with a cache, key_ and value must be None (self-attention)")
         key_ = query if key_ is None else key_
         value = key_ if value is None else value
         self._check_inputs(query, key_, value)
-
-        q = self._project(self.query_proj, query, self.num_heads)
-        k = self._project(self.key_proj, key_, self.num_kv_heads)
-        v = self._project(self.value_proj, value, self.num_kv_heads)
-        if self.query_norm is not None and self.key_norm is not None:
-            q = jax.vmap(jax.vmap(self.query_norm))(q)
-            k = jax.vmap(jax.vmap(self.key_norm))(k)
-        q_seq, kv_seq = q.shape[0], k.shape[0]
+        q_seq = query.shape[0]
+        window = _normalise_window(local_window_size)
         if cache is None:
+            kv_seq = key_.shape[0]
+            # Bottom-right alignment, the rule `is_causal` follows.
             q_positions = kv_seq - q_seq + jnp.arange(q_seq, dtype=jnp.int32)
             k_positions = jnp.arange(kv_seq, dtype=jnp.int32)
         else:
+            cache.check_call(mask, bias, window)
             q_positions = k_positions = cache.length + jnp.arange(q_seq, dtype=jnp.int32)
-        if self.rope is not None:
-            q = _rotate(self.rope, q, q_positions)
-            k = _rotate(self.rope, k, k_positions)
-        if process_heads is not None:
-            shapes = (q.shape, k.shape, v.shape)
-            q, k, v = process_heads(q, k, v)
-            if (q.shape, k.shape, v.shape) != shapes:
-                raise ValueError(
-                    "process_heads must not change the shapes of the heads: expected "
-                    f"{shapes}, got {(q.shape, k.shape, v.shape)}"
-                )
-
-        window = _normalise_window(local_window_size)
+        q, k, v = self._heads(query, key_, value, q_positions, k_positions, process_heads)
         if cache is not None:
-            self._check_cache_args(cache, mask, bias, window)
             k, v, slot_positions, cache = cache.update(k, v)
-            self._check_mask(mask, bias, q_seq, k.shape[0])
             # Causality and the window are expressed on absolute positions, since the
             # core's bottom-right alignment refers to the buffer, not to what it holds.
             positional = cache_mask(q_positions, slot_positions, window)
+            self._check_mask(mask, bias, q_seq, k.shape[0])
             mask = positional if mask is None else mask & positional
             is_causal, window = False, None
         else:
-            self._check_mask(mask, bias, q_seq, kv_seq)
+            self._check_mask(mask, bias, q_seq, k.shape[0])
 
         dropout_p, dropout_key = self._dropout_args(key, inference)
         attn = dot_product_attention(
@@ -324,6 +335,9 @@ class MultiheadAttention(eqx.Module):
             implementation=implementation,
         )
         out = jax.vmap(self.output_proj)(attn.reshape(q_seq, self.num_heads * self.vo_size))
+        # `return_weights` stays a flag rather than a method: the weights need the very heads
+        # and cache contents of this call (after process_heads and the cache write), which a
+        # separate method would have to recompute, and write to the cache a second time.
         result: tuple = (out,)
         if return_weights:
             weights = dot_product_attention_weights(
@@ -333,6 +347,46 @@ class MultiheadAttention(eqx.Module):
         if cache is not None:
             result += (cache,)
         return result[0] if len(result) == 1 else result
+
+    def _heads(
+        self,
+        query: Inexact[Array, "q_seq q_size"],
+        key_: Inexact[Array, "kv_seq k_size"],
+        value: Inexact[Array, "kv_seq v_size"],
+        q_positions: Int[Array, " q_seq"],
+        k_positions: Int[Array, " kv_seq"],
+        process_heads: ProcessHeads | None = None,
+    ) -> tuple[
+        Float[Array, "q_seq num_heads qk_size"],
+        Float[Array, "kv_seq num_kv_heads qk_size"],
+        Float[Array, "kv_seq num_kv_heads vo_size"],
+    ]:
+        """Inputs to attention heads: project, normalise (QK norm), rotate (RoPE) at the
+        given absolute positions, then Equinox's `process_heads` hook.
+
+        **Returns:**
+
+        `(q, k, v)` of shapes `(q_seq, num_heads, qk_size)`, `(kv_seq, num_kv_heads,
+        qk_size)` and `(kv_seq, num_kv_heads, vo_size)`.
+        """
+        q = _project(self.query_proj, query, self.num_heads)
+        k = _project(self.key_proj, key_, self.num_kv_heads)
+        v = _project(self.value_proj, value, self.num_kv_heads)
+        if self.query_norm is not None and self.key_norm is not None:
+            q = jax.vmap(jax.vmap(self.query_norm))(q)
+            k = jax.vmap(jax.vmap(self.key_norm))(k)
+        if self.rope is not None:
+            q = _rotate(self.rope, q, q_positions)
+            k = _rotate(self.rope, k, k_positions)
+        if process_heads is not None:
+            shapes = (q.shape, k.shape, v.shape)
+            q, k, v = process_heads(q, k, v)
+            if (q.shape, k.shape, v.shape) != shapes:
+                raise ValueError(
+                    "process_heads must not change the shapes of the heads: expected "
+                    f"{shapes}, got {(q.shape, k.shape, v.shape)}"
+                )
+        return q, k, v
 
     def init_cache(self, max_length: int, dtype: Any = None) -> KVCache:
         """An empty [`eqx_attention.KVCache`][] for up to `max_length` tokens.
@@ -369,32 +423,7 @@ class MultiheadAttention(eqx.Module):
         for query rows that may attend to nothing: Equinox returns the mean of all values
         there, this module zeros.
         """
-        new = cls(
-            module.num_heads,
-            module.query_size,
-            module.key_size,
-            module.value_size,
-            module.output_size,
-            module.qk_size,
-            module.vo_size,
-            use_query_bias=module.use_query_bias,
-            use_key_bias=module.use_key_bias,
-            use_value_bias=module.use_value_bias,
-            use_output_bias=module.use_output_bias,
-            dtype=module.query_proj.weight.dtype,
-            key=jax.random.key(0),
-        )
-        return eqx.tree_at(
-            lambda m: (m.query_proj, m.key_proj, m.value_proj, m.output_proj, m.dropout),
-            new,
-            (
-                module.query_proj,
-                module.key_proj,
-                module.value_proj,
-                module.output_proj,
-                module.dropout,
-            ),
-        )
+        return from_equinox(cls, module)
 
     @classmethod
     def from_flax_nnx(cls, module: Any) -> "MultiheadAttention":
@@ -407,62 +436,23 @@ class MultiheadAttention(eqx.Module):
         scale only). Flax's decoding cache is not converted: use
         [`eqx_attention.MultiheadAttention.init_cache`][].
 
+        Two Flax settings cannot be reproduced and raise a `ValueError`: a computation
+        `dtype` other than `param_dtype` (this module computes in its parameters' dtype),
+        and `broadcast_dropout=True` (Flax's default) with a positive `dropout_rate` (one
+        dropout mask shared by the batch and the heads).
+
         Flax computes per batch; call the result on one example and `jax.vmap` it. Outputs
         agree up to float rounding.
         """
-        in_kv = module.in_kv_features
-        heads, kv_heads, head_dim = module.num_heads, module.num_kv_heads, module.head_dim
-        use_bias = bool(module.use_bias)
-        new = cls(
-            heads,
-            module.in_features,
-            in_kv,
-            in_kv,
-            module.out_features,
-            head_dim,
-            head_dim,
-            num_kv_heads=kv_heads,
-            use_query_bias=use_bias,
-            use_key_bias=use_bias,
-            use_value_bias=use_bias,
-            use_output_bias=use_bias,
-            dropout_p=float(module.dropout_rate),
-            normalize_qk=bool(module.normalize_qk),
-            inference=bool(module.deterministic),
-            dtype=module.query.kernel[...].dtype,
-            key=jax.random.key(0),
-        )
-
-        def convert(linear: eqx.nn.Linear, layer: Any, flat_in: int, flat_out: int):
-            weight = jnp.asarray(layer.kernel[...]).reshape(flat_in, flat_out).T
-            if not use_bias:
-                return eqx.tree_at(lambda lin: lin.weight, linear, weight)
-            bias = jnp.asarray(layer.bias[...]).reshape(flat_out)
-            return eqx.tree_at(lambda lin: (lin.weight, lin.bias), linear, (weight, bias))
-
-        new = eqx.tree_at(
-            lambda m: (m.query_proj, m.key_proj, m.value_proj, m.output_proj),
-            new,
-            (
-                convert(new.query_proj, module.query, module.in_features, heads * head_dim),
-                convert(new.key_proj, module.key, in_kv, kv_heads * head_dim),
-                convert(new.value_proj, module.value, in_kv, kv_heads * head_dim),
-                convert(new.output_proj, module.out, heads * head_dim, module.out_features),
-            ),
-        )
-        if new.query_norm is not None and new.key_norm is not None:
-            new = eqx.tree_at(
-                lambda m: (m.query_norm.weight, m.key_norm.weight),
-                new,
-                (jnp.asarray(module.query_ln.scale[...]), jnp.asarray(module.key_ln.scale[...])),
-            )
-        return new
-
-    def _project(self, proj: eqx.nn.Linear, x: Array, heads: int) -> Array:
-        # Heads are a contiguous, head-major reshape of the projection, as in Equinox.
-        return jax.vmap(proj)(x).reshape(x.shape[0], heads, -1)
+        return from_flax_nnx(cls, module)
 
     def _check_inputs(self, query: Array, key_: Array, value: Array):
+        dtypes = {"query": query.dtype, "key_": key_.dtype, "value": value.dtype}
+        if any(jnp.issubdtype(d, jnp.complexfloating) for d in dtypes.values()):
+            raise ValueError(
+                "complex inputs are unsupported: query, key_ and value must be real floating "
+                f"point, got dtypes {', '.join(f'{n}={d}' for n, d in dtypes.items())}"
+            )
         for name, x, size in (
             ("query", query, self.query_size),
             ("key_", key_, self.key_size),
@@ -481,30 +471,21 @@ class MultiheadAttention(eqx.Module):
         for name, x in (("mask", mask), ("bias", bias)):
             if x is None:
                 continue
-            fits = x.ndim in (2, 3) and all(
+            fits = x.ndim in (1, 2, 3) and all(
                 n in (1, e) for n, e in zip(x.shape, full[-x.ndim :], strict=True)
             )
             if not fits:
                 raise ValueError(
-                    f"{name} must have shape (q_seq, kv_seq)={(q_seq, kv_seq)} or "
-                    f"(num_heads, q_seq, kv_seq)={full}, each axis possibly 1 to broadcast, "
-                    f"got {x.shape}"
+                    f"{name} must have shape (q_seq, kv_seq)={(q_seq, kv_seq)}, "
+                    f"(num_heads, q_seq, kv_seq)={full} or (kv_seq,)={(kv_seq,)}, each axis "
+                    f"possibly 1 to broadcast, got {x.shape}"
                 )
-
-    def _check_cache_args(self, cache: Cache, mask, bias, window):
-        if isinstance(cache, SlidingWindowKVCache):
-            if window is None or window[0] > cache.window:
-                raise ValueError(
-                    f"a SlidingWindowKVCache of window={cache.window} needs "
-                    f"local_window_size with a left window <= {cache.window}, got "
-                    f"local_window_size={window}"
-                )
-            if mask is not None or bias is not None:
-                raise ValueError("mask and bias are not supported with a SlidingWindowKVCache")
 
     def _dropout_args(self, key: PRNGKeyArray | None, inference: bool | None):
         inference = self.dropout.inference if inference is None else inference
         p = self.dropout.p
+        # An array rate (set with eqx.tree_at) is passed on as it is, so that changing it does
+        # not recompile; only a Python zero switches dropout off before tracing.
         if inference or (isinstance(p, int | float) and p == 0):
             return 0.0, None
         if key is None:
@@ -521,11 +502,16 @@ class MultiheadAttention(eqx.Module):
         return self.key_proj.weight.dtype if dtype is None else dtype
 
 
+def _project(proj: eqx.nn.Linear, x: Array, heads: int) -> Array:
+    # Heads are a contiguous, head-major reshape of the projection, as in Equinox.
+    return jax.vmap(proj)(x).reshape(x.shape[0], heads, -1)
+
+
 def _rotate(rope: RotaryPositionalEmbedding, heads: Array, positions: Array) -> Array:
     return jax.vmap(lambda h: rope(h, positions=positions), in_axes=1, out_axes=1)(heads)
 
 
-def _normalise_window(local_window_size: int | tuple[int, int] | None) -> tuple[int, int] | None:
+def _normalise_window(local_window_size: int | tuple[int, int] | None) -> Window | None:
     if local_window_size is None or isinstance(local_window_size, tuple):
         return local_window_size
     return local_window_size, local_window_size

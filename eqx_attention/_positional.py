@@ -9,7 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 Positions = Int[Array, " seq"]
 
@@ -169,13 +169,19 @@ class RotaryPositionalEmbedding(eqx.Module):
         self.scaling = scaling
 
     def __call__(
-        self, x: Float[Array, "seq embedding_size"], *, positions: Positions | None = None
+        self,
+        x: Float[Array, "seq embedding_size"],
+        *,
+        positions: Positions | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq embedding_size"]:
         """**Arguments:**
 
         - `x`: array of shape `(seq, embedding_size)`.
         - `positions`: integer position of each row, shape `(seq,)`; defaults to
           `arange(seq)`. May be a traced array (e.g. a cache offset plus `arange`).
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 
@@ -264,13 +270,19 @@ class SinusoidalPositionalEmbedding(eqx.Module):
         )
 
     def __call__(
-        self, x: Float[Array, "seq embedding_size"], *, positions: Positions | None = None
+        self,
+        x: Float[Array, "seq embedding_size"],
+        *,
+        positions: Positions | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq embedding_size"]:
         """**Arguments:**
 
         - `x`: array of shape `(seq, embedding_size)`.
         - `positions`: integer position of each row, shape `(seq,)`; defaults to
           `arange(seq)`.
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 

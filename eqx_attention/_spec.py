@@ -104,7 +104,9 @@ class AttentionSpec(eqx.Module):
     is_causal: bool = eqx.field(static=True)
     window: Window | None = eqx.field(static=True)
     logit_softcap: float | None = eqx.field(static=True)
-    dropout_p: float = eqx.field(static=True)
+    # `None` when there is no dropout; an array otherwise, so that a new rate (changed with
+    # `eqx.tree_at`, or traced) does not recompile.
+    dropout_p: Float[Array, ""] | None
     # Their captured arrays are leaves of the spec (see `as_data`).
     mask_mod: DataMod | None
     score_mod: DataMod | None
@@ -214,12 +216,13 @@ class AttentionSpec(eqx.Module):
         implementation and for every block size, and the backward pass regenerates it
         instead of storing it.
         """
-        assert self.dropout_seed is not None
+        assert self.dropout_seed is not None and self.dropout_p is not None
         seed0, seed1 = self.dropout_seed[0], self.dropout_seed[1]
         h = _mix32(q_idx.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + seed0)[:, None]
         h = _mix32(h ^ (kv_idx.astype(jnp.uint32)[None, :] * jnp.uint32(0x85EBCA6B) + seed1))
         h = _mix32(h[None, None] ^ (self.head_index.astype(jnp.uint32) * jnp.uint32(0xC2B2AE35)))
-        threshold = jnp.uint32(min(round(self.dropout_p * 2.0**32), 2**32 - 1))
+        # A float32 rate below one times 2**32 is at most 2**32 - 256: it fits in uint32.
+        threshold = (self.dropout_p * 2.0**32).astype(jnp.uint32)
         return h >= threshold
 
     @property

@@ -43,10 +43,14 @@ class TrainablePositionalEncoding(eqx.Module):
             )
         self.weight = _init(key, (length, dimension), dtype)
 
-    def __call__(self, positions: Int[Array, " n"] | None = None) -> Float[Array, "n dimension"]:
+    def __call__(
+        self, positions: Int[Array, " n"] | None = None, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "n dimension"]:
         """**Arguments:**
 
         - `positions`: optional indices of the positions to return; defaults to all.
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 
@@ -78,10 +82,14 @@ class TrainablePositionalPadding(eqx.Module):
         self.size = size
         self.padding = _init(key, (d_max - size,), dtype)
 
-    def __call__(self, x: Float[Array, "seq size"]) -> Float[Array, "seq d_max"]:
+    def __call__(
+        self, x: Float[Array, "seq size"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "seq d_max"]:
         """**Arguments:**
 
         - `x`: sequence of shape `(seq, size)`.
+        - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
+          `eqx.nn.Sequential`. (Keyword only.)
 
         **Returns:**
 

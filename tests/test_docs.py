@@ -7,6 +7,7 @@ interpreter (a page may need to set XLA flags before JAX starts). Run one page b
 """
 
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -72,9 +73,13 @@ PAGES_WITH_CODE = [p for p in PAGES if python_blocks(p)]
 
 @pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: str(p.relative_to(ROOT)))
 def test_page_runs(page):
+    # The script's own folder, not the checkout, heads sys.path: put the checkout first, so
+    # the pages run against this checkout's package and not whichever one is installed.
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     result = subprocess.run(
         [sys.executable, __file__, str(page)],
         cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": path},
         capture_output=True,
         text=True,
         timeout=300,

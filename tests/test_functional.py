@@ -408,11 +408,13 @@ def test_cudnn_raises_off_gpu(dtype, rng):
         ea.dot_product_attention(q, k, v, implementation="cudnn")
 
 
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="tests/test_gpu.py runs the real one")
-def test_cudnn_path_zeroes_empty_and_padded_rows(rng, monkeypatch):
+@pytest.fixture
+def cudnn_stand_in(monkeypatch):
     """The cuDNN path's own work (a batch axis, lengths, zeroed rows) on CPU, with jax.nn's
     XLA implementation standing in for cuDNN: it gives a fully masked row the mean of the
-    values, which the path must turn into zeros."""
+    values, which the path must turn into zeros. Returns the implementations requested."""
+    if jax.default_backend() == "gpu":
+        pytest.skip("tests/test_gpu.py runs the real one")
     real, calls = jax.nn.dot_product_attention, []
 
     def stand_in(*args, implementation, **kwargs):
@@ -421,14 +423,165 @@ def test_cudnn_path_zeroes_empty_and_padded_rows(rng, monkeypatch):
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
     monkeypatch.setattr(kernels, "cudnn_unsupported", lambda *args: None)
+    return calls
+
+
+def test_cudnn_path_zeroes_empty_and_padded_rows(rng, cudnn_stand_in):
     q, k, v = _qkv(rng, 13, 13, 4, 2)
     mask = jnp.ones((13, 13), bool).at[5].set(False)
     options = dict(mask=mask, query_seq_length=10, key_value_seq_length=11)
     out = ea.dot_product_attention(q, k, v, implementation="cudnn", **options)
-    assert calls == ["cudnn"]
+    assert cudnn_stand_in == ["cudnn"]
     ref = ea.dot_product_attention(q, k, v, implementation="xla", **options)
     _close(out, ref, FWD_TOL)
     assert np.all(np.asarray(out)[[5, 10, 11, 12]] == 0)
+
+
+@pytest.mark.parametrize(
+    "options, empty",
+    [
+        # The issue's example: keys 0..2 are real, so rows from 5 on see nothing.
+        (dict(local_window_size=(1, 1), key_value_seq_length=3), [5, 6, 7]),
+        (dict(local_window_size=(2, 0), is_causal=True, key_value_seq_length=2), [4, 5, 6, 7]),
+        (dict(local_window_size=(1, 3), key_value_seq_length=4, query_seq_length=7), [6, 7]),
+        (dict(is_causal=True, key_value_seq_length=0), list(range(8))),
+    ],
+    ids=["window", "causal_window", "window_both_lengths", "no_keys"],
+)
+def test_cudnn_path_zeroes_rows_windows_and_lengths_empty(options, empty, rng, cudnn_stand_in):
+    q, k, v = _qkv(rng, 8, 8, 2, 2)
+    out, lse = ea.dot_product_attention(
+        q, k, v, implementation="cudnn", return_residual=True, **options
+    )
+    ref, ref_lse = ea.dot_product_attention(
+        q, k, v, implementation="xla", return_residual=True, **options
+    )
+    _close(out, ref, FWD_TOL)
+    _close(lse, ref_lse, FWD_TOL)
+    assert np.all(np.asarray(out)[empty] == 0)
+
+
+# --------------------------------------------------------------------------------------
+# The residual: each row's log-sum-exp, as jax.nn's `return_residual=True`.
+
+
+def test_residual_matches_jax_nn(impl, rng):
+    q, k, v = _qkv(rng, 13, 13, 4, 2)
+    mask = jnp.asarray(rng.random((4, 13, 13)) < 0.7)
+    options = dict(mask=mask, is_causal=True, key_value_seq_length=11)
+    out, lse = ea.dot_product_attention(
+        q, k, v, implementation=impl, return_residual=True, **options
+    )
+    ref_out, ref_lse = jax.nn.dot_product_attention(
+        q[None], k[None], v[None], mask=mask[None], is_causal=True,
+        key_value_seq_lengths=jnp.array([11]), return_residual=True,
+    )  # fmt: skip
+    assert lse.shape == (13, 4) and lse.dtype == jnp.float32
+    # Rows with a visible key agree; jax.nn gives empty rows a uniform softmax over its fill
+    # value, we give them zeros and a fill log-sum-exp.
+    seen = np.asarray(jnp.any(_oracle_probs(q, k, **options) > 0, axis=-1)).T
+    _close(jnp.where(seen[..., None], out, 0), jnp.where(seen[..., None], ref_out[0], 0), FWD_TOL)
+    _close(jnp.where(seen, lse, 0), jnp.where(seen, ref_lse[0], 0), FWD_TOL)
+
+
+def test_residual_merges_attention_over_split_keys(impl, rng):
+    """What the residual is for: attention over keys split in two parts equals the parts'
+    outputs weighted by `exp(lse_part - lse_all)`, even where one part is all masked."""
+    q, k, v = _qkv(rng, 13, 21, 4, 2)
+    mask = jnp.ones((13, 21), bool).at[3, :11].set(False)
+    whole, lse = ea.dot_product_attention(
+        q, k, v, mask=mask, implementation=impl, return_residual=True
+    )
+    parts = [
+        ea.dot_product_attention(
+            q, k[cut], v[cut], mask=mask[:, cut], implementation=impl, return_residual=True
+        )
+        for cut in (slice(0, 11), slice(11, 21))
+    ]
+    lses = jnp.stack([part_lse for _, part_lse in parts])
+    merged_lse = jax.nn.logsumexp(lses, axis=0)
+    weights = jnp.exp(lses - merged_lse)
+    merged = sum(w[..., None] * out for w, (out, _) in zip(weights, parts, strict=True))
+    _close(merged_lse, lse, FWD_TOL)
+    _close(merged, whole, FWD_TOL)
+
+
+def test_residual_carries_no_gradient(impl, rng):
+    q, k, v = _qkv(rng, 6, 6, 2, 2)
+    grad = jax.grad(
+        lambda q: jnp.sum(
+            ea.dot_product_attention(q, k, v, implementation=impl, return_residual=True)[1]
+        )
+    )(q)
+    assert np.all(np.asarray(grad) == 0)
+
+
+# --------------------------------------------------------------------------------------
+# Equinox's and jax.nn's strict settings: strict promotion, `jax.debug_infs`.
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_under_strict_promotion(dtype, impl, rng):
+    q, k, v = (x.astype(dtype) for x in _qkv(rng, 9, 9, 2, 2))
+    bias = _normal(rng, 2, 9, 9)
+
+    def loss(q, k, v, bias):
+        out = ea.dot_product_attention(
+            q, k, v, bias, is_causal=True, dropout_p=0.1, dropout_key=jax.random.key(0),
+            implementation=impl,
+        )  # fmt: skip
+        return jnp.sum(out.astype(jnp.float32))
+
+    with jax.numpy_dtype_promotion("strict"):
+        grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+        # Mixed inputs promote together, explicitly: a half query with float32 keys.
+        out = ea.dot_product_attention(q, k.astype(jnp.float32), v, implementation=impl)
+    assert [g.dtype for g in grads] == [dtype, dtype, dtype, jnp.float32]
+    assert out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(is_causal=True),
+        dict(mask=np.tril(np.ones((9, 9), bool))),
+        dict(local_window_size=(2, 1), key_value_seq_length=4),
+        dict(mask=np.zeros((9, 9), bool)),
+    ],
+    ids=["causal", "mask", "window_lengths", "all_masked"],
+)
+def test_no_false_alarm_under_debug_infs(options, impl, rng):
+    """jax issue 37422: eager calls with a mask raised FloatingPointError from the `-inf`
+    fill. Forward, residual and gradients run eagerly, op by op."""
+    q, k, v = _qkv(rng, 9, 9, 2, 2)
+    options = {n: jnp.asarray(x) if isinstance(x, np.ndarray) else x for n, x in options.items()}
+    with jax.debug_infs(True):
+        out, lse = ea.dot_product_attention(
+            q, k, v, implementation=impl, return_residual=True, **options
+        )
+        grads = jax.grad(
+            lambda q, k, v: jnp.sum(
+                ea.dot_product_attention(q, k, v, implementation=impl, **options)
+            ),
+            argnums=(0, 1, 2),
+        )(q, k, v)
+        weights = ea.dot_product_attention_weights(q, k, **options)
+    for x in (out, lse, weights, *grads):
+        assert np.all(np.isfinite(np.asarray(x)))
+
+
+# --------------------------------------------------------------------------------------
+# Mask shapes.
+
+
+def test_key_padding_mask_of_one_axis(impl, rng):
+    """A `(kv_seq,)` mask hides keys from every query, like its `(1, kv_seq)` form."""
+    q, k, v = _qkv(rng, 5, 7, 2, 2)
+    padding = jnp.arange(7) < 4
+    out = ea.dot_product_attention(q, k, v, mask=padding, implementation=impl)
+    _close(out, _oracle(q, k, v, mask=padding[None, :]), FWD_TOL)
+    weights = ea.dot_product_attention_weights(q, k, mask=padding)
+    assert np.all(np.asarray(weights)[..., 4:] == 0)
 
 
 # --------------------------------------------------------------------------------------
@@ -537,10 +690,19 @@ def test_half_precision(impl, dtype, rng):
         _close(g.astype(jnp.float32), ref_g, tol)
 
 
-def test_value_dtype_decides_output_dtype(impl, rng):
+@pytest.mark.parametrize("half", ["query", "value"])
+def test_inputs_promote_together(half, impl, rng):
+    """As in Flax: a bfloat16 query (or value) with float32 others computes in float32,
+    rather than casting the others down to the query's (or value's) dtype."""
     q, k, v = _qkv(rng, 5, 7, 2, 2)
-    out = jax.jit(_attention(impl))(q, k, v.astype(jnp.bfloat16))
-    assert out.dtype == jnp.bfloat16
+    if half == "query":
+        q = q.astype(jnp.bfloat16)
+    else:
+        v = v.astype(jnp.bfloat16)
+    out = jax.jit(_attention(impl))(q, k, v)
+    assert out.dtype == jnp.float32
+    f32 = (x.astype(jnp.float32) for x in (q, k, v))
+    _close(out, _attention(impl)(*f32), FWD_TOL)
 
 
 # --------------------------------------------------------------------------------------

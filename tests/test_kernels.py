@@ -1,12 +1,16 @@
 """The blockwise kernel's tiling, checked directly on its block ranges, and the automatic
 choice between kernels."""
 
+import pathlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from eqx_attention import _kernels as kernels
 from eqx_attention._kernels import choose_implementation
 from eqx_attention._kernels._chunked import _split
 from eqx_attention._spec import AttentionSpec
@@ -61,8 +65,18 @@ def test_split_covers_the_range_once_with_fine_steps_only_off_the_grid(r):
 def test_automatic_choice_materialises_only_small_problems(q_seq, kv_seq, expected):
     spec = AttentionSpec(
         q_seq=q_seq, kv_seq=kv_seq, num_heads=2, num_kv_heads=2, scale=1.0, is_causal=True,
-        window=None, logit_softcap=None, dropout_p=0.0, mask_mod=None, score_mod=None,
+        window=None, logit_softcap=None, dropout_p=None, mask_mod=None, score_mod=None,
         mask=None, q_length=None, kv_length=None, q_segment_ids=None, kv_segment_ids=None,
         dropout_seed=None,
     )  # fmt: skip
     assert choose_implementation(spec, jnp.float32, None, 64, 64) == expected
+
+
+def test_threshold_stated_in_the_guide_is_the_one_used():
+    """The automatic rule's XLA-size threshold is stated for users in one place, the
+    implementations guide; it must be the code's `XLA_MAX_LOGITS`."""
+    guide = pathlib.Path(__file__).parents[1] / "docs" / "guides" / "implementations.md"
+    stated = re.findall(r"at most (\d+) &times; (\d+) logits per head", guide.read_text())
+    assert len(stated) == 1
+    ((rows, cols),) = stated
+    assert int(rows) * int(cols) == kernels.XLA_MAX_LOGITS

@@ -201,9 +201,10 @@ def test_attend_dropout(getkey):
     q, k, v = (jax.random.normal(getkey(), (4, 2, 3)) for _ in range(3))
     clean = ea.attend(q, k, v)
     np.testing.assert_array_equal(ea.attend(q, k, v, dropout_p=0.5, inference=True), clean)
-    dropped = ea.attend(q, k, v, dropout_p=0.5, key_=getkey())
+    # As in MultiheadAttention and Equinox: `key_` is the attention key, `key` the PRNG key.
+    dropped = ea.attend(q, k, v, dropout_p=0.5, key=getkey())
     assert not np.allclose(dropped, clean)
-    with pytest.raises(ValueError, match="dropout_key"):
+    with pytest.raises(ValueError, match=r"attend\(dropout_p=0\.5\) needs a PRNG `key`"):
         ea.attend(q, k, v, dropout_p=0.5)
 
 
@@ -419,3 +420,102 @@ def test_layers_serialisation_round_trip(getkey):
         jax.tree_util.tree_leaves(original), jax.tree_util.tree_leaves(restored), strict=True
     ):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# Equinox's conventions
+
+
+def _sequential_layers(key):
+    k = jax.random.split(key, 6)
+    return [
+        (ea.RotaryPositionalEmbedding(8), (5, 8)),
+        (ea.SinusoidalPositionalEmbedding(8), (5, 8)),
+        (ea.FeedForward(8, 2, key=k[0]), (5, 8)),
+        (ea.TrainablePositionalPadding(8, 12, key=k[1]), (5, 8)),
+        (ea.TrainablePositionalMasking(8, 0.5, key=k[2]), (5, 8)),
+        (ea.Encoding(positional_encoding=ea.TrainablePositionalEncoding(5, 4, key=k[3])), (5, 8)),
+        (ea.Decoding(postprocessing=jnp.tanh), (5, 8)),
+        (ea.EmbedDecoding(jnp.ones((11, 8))), (5, 8)),
+        (ea.LSTM(8, 6, key=k[4]), (5, 8)),
+        (ea.MultiheadAttention(2, 8, key=k[5]), (5, 8)),
+    ]
+
+
+def test_every_layer_composes_in_sequential(getkey):
+    """`eqx.nn.Sequential` passes `key=` to every layer; each accepts it (ignored where unused)."""
+    for layer, shape in _sequential_layers(getkey()):
+        x = jax.random.normal(getkey(), shape)
+        out = eqx.nn.Sequential([eqx.nn.Lambda(lambda x: x), layer])(x, key=getkey())
+        assert out.shape[0] == shape[0] or type(layer) is ea.LSTM, type(layer).__name__
+    # Layers without an input take `key=` too.
+    fourier = ea.FourierPositionEncoding((4,), 2)
+    assert fourier(key=getkey()).shape == fourier().shape
+    table = ea.TrainablePositionalEncoding(5, 4, key=getkey())
+    np.testing.assert_array_equal(table(key=getkey()), table())
+    cell = ea.LSTMCell(3, 4, key=getkey())
+    cell(cell.initial_state(), jnp.ones(3), key=getkey())
+
+
+def test_callables_are_not_static_fields(getkey):
+    """A callable field is part of the pytree (Equinox: static "should very rarely be
+    used"), so a module used as an activation or aggregation is trained with the layer."""
+    ff = ea.FeedForward(4, 2, activation=eqx.nn.PReLU(), key=getkey())
+    x = jax.random.normal(getkey(), (3, 4))
+    # A static field would hide the slope from the leaves (and return it, not its gradient).
+    assert any(leaf is ff.activation.negative_slope for leaf in jax.tree.leaves(ff))
+    grads = eqx.filter_grad(lambda f: jnp.sum(f(x) ** 2))(ff)
+    slope = eqx.filter_grad(lambda a: jnp.sum(eqx.tree_at(lambda f: f.activation, ff, a)(x) ** 2))(
+        ff.activation
+    )
+    np.testing.assert_allclose(grads.activation.negative_slope, slope.negative_slope)
+    assert float(slope.negative_slope) != float(ff.activation.negative_slope)
+
+    class ScaledAdd(eqx.Module):
+        weight: jax.Array
+
+        def __call__(self, x, p):
+            return x + self.weight * p
+
+    aggregation = ScaledAdd(jnp.array(2.0))
+    enc = ea.Encoding(
+        positional_encoding=ea.TrainablePositionalEncoding(3, 4, key=getkey()),
+        aggregation=aggregation,
+    )
+    assert any(leaf is aggregation.weight for leaf in jax.tree.leaves(enc))
+    grads = eqx.filter_grad(lambda e: jnp.sum(e(jnp.ones((3, 4)))))(enc)
+    # d/dw sum(x + w p) = sum(p): the gradient, not the parameter's value 2.
+    np.testing.assert_allclose(grads.aggregation.weight, jnp.sum(enc.positional_encoding()), **TOL)
+
+
+def test_kvq_attention_is_a_class(getkey):
+    """flax-extra's `KVQAttention` is a class: `isinstance` works, and it is a
+    `CrossAttention` with `shape_for_attn="kv"` (same draws for the same key)."""
+    key = getkey()
+    kvq = ea.KVQAttention(2, 8, 6, key=key)
+    assert isinstance(kvq, ea.KVQAttention) and isinstance(kvq, ea.CrossAttention)
+    assert eqx.tree_equal(
+        kvq.attention, ea.CrossAttention(2, 8, 6, shape_for_attn="kv", key=key).attention
+    )
+
+
+def test_flax_extra_positional_arguments_mean_the_same(getkey):
+    """After the sizes an Equinox layer needs, positional arguments follow flax-extra's
+    order; arguments flax-extra lacks are keyword only."""
+    # flax-extra: FourierPositionEncoding(seqshape, n_bands, spatial_coordinate_bounds,
+    # use_spatial_coordinates, use_sine_only).
+    positional = ea.FourierPositionEncoding((4,), 2, (-2, 1), False, True)
+    keyword = ea.FourierPositionEncoding(
+        (4,), 2, bounds=(-2, 1), concat_positions=False, sine_only=True
+    )
+    np.testing.assert_array_equal(positional(), keyword())
+    assert positional.bounds == (-2.0, 1.0) and not positional.concat_positions
+    with pytest.raises(TypeError):
+        ea.FourierPositionEncoding((4,), 2, (-2, 1), False, True, (8,))
+    # flax-extra: Attention(n_heads, d_qk, d_v, d_output, ..., use_bias, dropout_rate,
+    # deterministic); here after the two input sizes.
+    cross = ea.CrossAttention(2, 8, 6, None, None, None, False, 0.25, True, key=getkey())
+    assert not cross.attention.use_query_bias
+    assert (cross.attention.dropout.p, cross.attention.dropout.inference) == (0.25, True)
+    with pytest.raises(TypeError):
+        ea.CrossAttention(2, 8, 6, None, None, None, False, 0.25, True, None, "kv", key=getkey())

@@ -227,10 +227,11 @@ def test_defaults_and_errors(getkey):
         square(q, process_heads=lambda q, k, v: (q, k[:1], v[:1]))
 
 
-@pytest.mark.parametrize("shape", [(1, 7), (3, 1, 7), (1, 1, 7), (5, 1)])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 1, 7), (1, 1, 7), (5, 1), (7,)])
 def test_broadcastable_mask_and_bias(shape, getkey):
-    """A mask or bias with size-1 axes (e.g. `(1, kv_seq)` for key padding) means its
-    broadcast to `(num_heads, q_seq, kv_seq)`, with or without a cache."""
+    """A mask or bias with size-1 axes (e.g. `(1, kv_seq)` for key padding), or of shape
+    `(kv_seq,)`, means its broadcast to `(num_heads, q_seq, kv_seq)`, with or without a
+    cache."""
     mha = ea.MultiheadAttention(3, 12, num_kv_heads=1, key=getkey())
     q, kv = jax.random.normal(getkey(), (5, 12)), jax.random.normal(getkey(), (7, 12))
     mask = jax.random.bernoulli(getkey(), 0.7, shape)
@@ -307,3 +308,97 @@ def test_bfloat16_parameters(getkey):
     f32 = jax.tree.map(lambda a: a.astype(jnp.float32) if eqx.is_array(a) else a, mha)
     assert jnp.allclose(out.astype(jnp.float32), f32(x.astype(jnp.float32), is_causal=True),
                         atol=5e-2)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Equinox's conventions.
+
+
+def test_equinox_positional_arguments_mean_the_same(getkey):
+    """Every argument Equinox takes positionally means the same here, so a module built
+    positionally for Equinox is the same module (same key split, same weights)."""
+    args = (4, 32, 24, 20, 16, 8, 6, True, False, True, False, 0.25, True, jnp.float32)
+    key = getkey()
+    theirs = eqx.nn.MultiheadAttention(*args, key=key)
+    ours = ea.MultiheadAttention(*args, key=key)
+    assert ours.num_kv_heads == 4  # the issue's example gave multi-query attention here
+    for name in (
+        "num_heads", "query_size", "key_size", "value_size", "output_size", "qk_size",
+        "vo_size", "use_query_bias", "use_key_bias", "use_value_bias", "use_output_bias",
+    ):  # fmt: skip
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert (ours.dropout.p, ours.dropout.inference) == (0.25, True)
+    for proj in ("query_proj", "key_proj", "value_proj", "output_proj"):
+        assert eqx.tree_equal(getattr(ours, proj), getattr(theirs, proj)), proj
+    # The new arguments are keyword only.
+    with pytest.raises(TypeError):
+        ea.MultiheadAttention(*args, 2, key=key)
+
+
+def test_deterministic_is_deprecated_as_in_equinox(getkey):
+    mha = ea.MultiheadAttention(2, 8, dropout_p=0.5, key=getkey())
+    x = jax.random.normal(getkey(), (5, 8))
+    with pytest.warns(UserWarning, match=r"deterministic=\.\.\.\) is deprecated"):
+        out = mha(x, x, x, deterministic=True)
+    np.testing.assert_array_equal(out, mha(x, x, x, inference=True))
+
+
+def test_named_scope(getkey):
+    """Like Equinox, the computation is labelled, so profiles and HLO show the module."""
+    mha = ea.MultiheadAttention(2, 8, key=getkey())
+    lowered = jax.jit(lambda x: mha(x)).lower(jnp.ones((5, 8)))
+    assert "eqx_attention.MultiheadAttention" in lowered.as_text(debug_info=True)
+
+
+def test_complex_inputs_are_refused(getkey):
+    mha = ea.MultiheadAttention(2, 8, key=getkey())
+    x = jnp.ones((5, 8), jnp.complex64)
+    with pytest.raises(ValueError, match=r"complex inputs are unsupported.*query=complex64"):
+        mha(x)
+
+
+def test_dropout_rate_changes_without_recompiling(getkey):
+    """`dropout_p` lives in the dynamic `dropout.p` field: replaced by an array with
+    `eqx.tree_at`, a new rate reuses the compiled function."""
+    mha = ea.MultiheadAttention(2, 8, dropout_p=0.5, key=getkey())
+    x, key = jax.random.normal(getkey(), (6, 8)), getkey()
+    traces = []
+
+    @eqx.filter_jit
+    def run(m):
+        traces.append(None)
+        return m(x, key=key)
+
+    def with_rate(p):
+        return eqx.tree_at(lambda m: m.dropout.p, mha, jnp.asarray(p, jnp.float32))
+
+    low, high, zero = run(with_rate(0.1)), run(with_rate(0.6)), run(with_rate(0.0))
+    assert len(traces) == 1
+    assert not np.allclose(low, high)
+    # A rate of zero keeps every weight: the output without dropout.
+    np.testing.assert_allclose(zero, mha(x, inference=True), **TOL)
+    # The same rate as a Python float draws the same dropout mask.
+    np.testing.assert_allclose(
+        high, eqx.tree_at(lambda m: m.dropout.p, mha, 0.6)(x, key=key), **TOL
+    )
+
+
+def test_from_flax_nnx_refuses_what_it_cannot_reproduce():
+    mixed = nnx.MultiHeadAttention(
+        num_heads=2, in_features=8, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+        decode=False, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"dtype=bfloat16 and param_dtype=float32"):
+        ea.MultiheadAttention.from_flax_nnx(mixed)
+    dropout = nnx.MultiHeadAttention(
+        num_heads=2, in_features=8, dropout_rate=0.1, decode=False, rngs=nnx.Rngs(0)
+    )
+    with pytest.raises(ValueError, match=r"broadcast_dropout=True and dropout_rate=0\.1"):
+        ea.MultiheadAttention.from_flax_nnx(dropout)
+    # Per-element dropout, and a computation dtype equal to the parameters', convert.
+    fine = nnx.MultiHeadAttention(
+        num_heads=2, in_features=8, dropout_rate=0.1, broadcast_dropout=False,
+        dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, decode=False, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    ours = ea.MultiheadAttention.from_flax_nnx(fine)
+    assert ours.query_proj.weight.dtype == jnp.bfloat16 and ours.dropout.p == 0.1

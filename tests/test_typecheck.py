@@ -125,11 +125,6 @@ def test_mask_helper_mistakes():
         ),
         (
             ((5, 4, 8), (5, 4, 8), (5, 4, 8)),
-            {"implementation": "flash"},
-            r"implementation must be one of .*'xla'.*'chunked'.*'cudnn'.*got 'flash'",
-        ),
-        (
-            ((5, 4, 8), (5, 4, 8), (5, 4, 8)),
             {"query_segment_ids": _zeros(5, dtype=jnp.int32)},
             r"query_segment_ids and kv_segment_ids must be given together, got "
             r"query_segment_ids=array of shape \(5,\), kv_segment_ids=None",
@@ -150,12 +145,37 @@ def test_mask_helper_mistakes():
             r"logit_softcap must be positive, got logit_softcap=0\.0",
         ),
     ],
-    ids=["heads", "dropout_key", "implementation", "q_segments", "kv_segments", "window", "cap"],
+    ids=["heads", "dropout_key", "q_segments", "kv_segments", "window", "cap"],
 )
 def test_value_errors(shapes, options, match):
     q, k, v = (_zeros(*s) for s in shapes)
     with pytest.raises(ValueError, match=match):
         ea.dot_product_attention(q, k, v, **options)
+
+
+def test_implementation_is_a_literal():
+    """`implementation` is typed `Literal["xla", "chunked", "cudnn"] | None`: the hook names
+    the parameter, the value given and the values allowed."""
+    q = _zeros(5, 4, 8)
+    pattern = (
+        r"parameter 'implementation'\.\nActual value: 'flash'\n"
+        r"Expected type: .*'xla', 'chunked', 'cudnn'"
+    )
+    with pytest.raises(TypeCheckError, match=pattern):
+        ea.dot_product_attention(q, q, q, implementation="flash")
+
+
+@pytest.mark.parametrize("which", ["query", "key", "value"])
+def test_complex_inputs_are_refused(which):
+    """Flax accepts complex inputs; we refuse them with a ValueError saying so, not with a
+    type-check trace."""
+    args = {"query": _zeros(5, 4, 8), "key": _zeros(5, 4, 8), "value": _zeros(5, 4, 8)}
+    args[which] = args[which].astype(jnp.complex64)
+    with pytest.raises(ValueError, match=rf"complex inputs are unsupported.*{which}=complex64"):
+        ea.dot_product_attention(**args)
+    if which != "value":
+        with pytest.raises(ValueError, match="complex inputs are unsupported"):
+            ea.dot_product_attention_weights(args["query"], args["key"])
 
 
 def test_weights_value_errors():
@@ -187,11 +207,11 @@ def test_checked_at_trace_time():
         )
     with pytest.raises(ValueError, match="num_kv_heads=3"):
         attend.trace(_struct(5, 4, 8), _struct(7, 3, 8), _struct(7, 3, 8))
-    # A correct call traces to the documented output shape and the value dtype.
+    # A correct call traces to the documented output shape and the inputs' promoted dtype.
     out = jax.eval_shape(
         ea.dot_product_attention,
-        _struct(5, 4, 8),
-        _struct(7, 2, 8),
+        _struct(5, 4, 8, dtype=jnp.bfloat16),
+        _struct(7, 2, 8, dtype=jnp.bfloat16),
         _struct(7, 2, 3, dtype=jnp.bfloat16),
     )
     assert out == _struct(5, 4, 3, dtype=jnp.bfloat16)

@@ -1,11 +1,13 @@
 """Attention implementations behind `dot_product_attention`'s one entry point."""
 
+from typing import Literal
+
 from .._spec import AttentionSpec
 from ._chunked import chunked_attention as _blockwise
 from ._cudnn import cudnn_attention as cudnn_attention, cudnn_unsupported
 from ._xla import xla_attention as xla_attention, xla_probs as xla_probs
 
-IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
+Implementation = Literal["xla", "chunked", "cudnn"]
 
 # Measured on a 2-core AVX-512 CPU (benchmarks/attention.py): 512 x 512 tiles run about twice
 # as fast per logit as 128-wide ones, and one key/value head at a time keeps them in cache.
@@ -16,9 +18,11 @@ BLOCK_K = 512
 # cost less per logit (benchmarks/tiles.py).
 FINE_Q = 256
 FINE_K = 256
-# Up to this many logits per head the one-shot reference beats the blockwise loop on CPU,
-# forward and backward (by 25-30% at 192 x 192); at 256 x 256 the two are even, within a few
-# percent either way depending on head count and size, and past that the loop is ahead.
+# The one place in code for the threshold (docs/guides/implementations.md states it for
+# users, and tests/test_kernels.py checks that the two agree). Up to this many logits per head
+# the one-shot reference beats the blockwise loop on CPU, forward and backward (by 25-30% at
+# 192 x 192); at 256 x 256 the two are even, within a few percent either way depending on
+# head count and size, and past that the loop is ahead.
 XLA_MAX_LOGITS = 192 * 192
 
 
@@ -27,18 +31,14 @@ def chunked_attention(q, k, v, spec: AttentionSpec, bias):
 
 
 def choose_implementation(
-    spec: AttentionSpec, dtype, implementation: str | None, qk_size: int, vo_size: int
-) -> str:
-    """Resolve `implementation=None` and check an explicit choice.
+    spec: AttentionSpec, dtype, implementation: Implementation | None, qk_size: int, vo_size: int
+) -> Implementation:
+    """Resolve `implementation=None` and check that cuDNN can run an explicit `"cudnn"`.
 
     The automatic rule: cuDNN on a GPU whenever it supports the configuration; otherwise the
-    materialising `"xla"` reference for small problems (at most 192 x 192 logits per head),
-    where one fused softmax beats a loop; otherwise the blockwise `"chunked"` kernel.
+    materialising `"xla"` reference for small problems (at most `XLA_MAX_LOGITS` logits per
+    head), where one fused softmax beats a loop; otherwise the blockwise `"chunked"` kernel.
     """
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
-        )
     why_not_cudnn = cudnn_unsupported(spec, dtype, qk_size, vo_size)
     if implementation == "cudnn" and why_not_cudnn is not None:
         raise ValueError(f"implementation='cudnn' is unavailable: {why_not_cudnn}")

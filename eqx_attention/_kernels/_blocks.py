@@ -5,9 +5,16 @@ import dataclasses
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .._spec import AttentionSpec
+
+# The logit of a hidden pair, and the log-sum-exp of a row that sees no key. Finite, unlike
+# -inf, so that `jax.debug_infs(True)` raises no false alarm (jax issue 37422); as jax.nn,
+# 0.7 of float32's range leaves room to subtract a row maximum without overflow, and
+# `exp(MASKED - m)` is exactly zero for any real row maximum `m`.
+MASKED = -0.7 * float(np.finfo(np.float32).max)
 
 # Running (max, normaliser, unnormalised output) of one query block.
 Carry = tuple[Float[Array, "K G bq"], Float[Array, "K G bq"], Float[Array, "K G bq dv"]]
@@ -20,7 +27,7 @@ def raw_logits(q: Float[Array, "K G bq d"], k: Float[Array, "K bk d"]) -> Float[
 def init_carry(q: Float[Array, "K G bq d"], vo_size: int) -> Carry:
     shape = q.shape[:3]
     return (
-        jnp.full(shape, -jnp.inf, jnp.float32),
+        jnp.full(shape, MASKED, jnp.float32),
         jnp.zeros(shape, jnp.float32),
         jnp.zeros(shape + (vo_size,), jnp.float32),
     )
@@ -41,12 +48,12 @@ def block_forward(
     m, denom, acc = carry
     s = spec.scores(raw_logits(q, k), q_idx, kv_idx, bias)
     if visible is not None:
-        s = jnp.where(visible, s, -jnp.inf)
+        s = jnp.where(visible, s, MASKED)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     m_safe, correction = _shift(m, m_new)
     p = jnp.exp(s - m_safe[..., None])
     denom = denom * correction + jnp.sum(p, axis=-1)
-    if spec.dropout_p > 0:
+    if spec.dropout_p is not None:
         p = jnp.where(spec.keep(q_idx, kv_idx), p / (1 - spec.dropout_p), 0.0)
     pv = jnp.einsum("kgqc,kcd->kgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return m_new, denom, acc * correction[..., None] + pv
@@ -54,8 +61,9 @@ def block_forward(
 
 def _shift(m: Float[Array, "*rows"], m_new: Float[Array, "*rows"]):
     """The running max to subtract before `exp`, and the factor rescaling the old state."""
-    # Rows that have seen no visible key keep m = -inf; shift by 0 so exp gives exact zeros.
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    # Rows that have seen no visible key keep m = MASKED; shift them by 0 so that exp gives
+    # exact zeros (exp(MASKED - MASKED) would be one).
+    m_safe = jnp.where(m_new > MASKED, m_new, 0.0)
     return m_safe, jnp.exp(m - m_safe)
 
 
@@ -85,12 +93,16 @@ def block_backward(
         return dataclasses.replace(spec, score_mod=score_mod).scores(logits, q_idx, kv_idx, b)
 
     s, scores_vjp = jax.vjp(scores, raw_logits(q, k), bias, params)
-    p = jnp.exp(s - lse[..., None])
-    if visible is not None:
-        p = jnp.where(visible, p, 0.0)
+    lse = lse[..., None]
+    if visible is None:
+        p = jnp.exp(s - lse)
+    else:
+        # A hidden pair's logit may exceed the row's log-sum-exp by any amount (and a row that
+        # sees nothing has lse = MASKED): exponentiate only visible pairs, so nothing overflows.
+        p = jnp.where(visible, jnp.exp(jnp.where(visible, s, lse) - lse), 0.0)
     dp = jnp.einsum("kgqd,kcd->kgqc", d_out, v, preferred_element_type=jnp.float32)
     p_dropped = p
-    if spec.dropout_p > 0:
+    if spec.dropout_p is not None:
         keep = spec.keep(q_idx, kv_idx)
         p_dropped = jnp.where(keep, p / (1 - spec.dropout_p), 0.0)
         dp = jnp.where(keep, dp / (1 - spec.dropout_p), 0.0)
@@ -120,7 +132,7 @@ def zeros_like_params(params):
 def finalize(
     carry: Carry, sinks: Float[Array, "K G"] | None = None
 ) -> tuple[Float[Array, "K G bq dv"], Float[Array, "K G bq"]]:
-    """Normalised output and log-sum-exp; rows with no visible key give 0 and lse = +inf.
+    """Normalised output and log-sum-exp; rows with no visible key give 0 and lse = MASKED.
 
     `sinks` join the normaliser as one more key with a zero value, folded in last like any
     other key: a row that saw no key then outputs 0 with lse = its sink.
@@ -134,7 +146,7 @@ def finalize(
         acc = acc * correction[..., None]
     seen = denom > 0
     out = acc / jnp.where(seen, denom, 1.0)[..., None]
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), jnp.inf)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), MASKED)
     return out, lse
 
 
@@ -143,8 +155,8 @@ def sink_grad(
 ) -> Float[Array, "K G"]:
     """Gradient of the sink logits: the sink is a key with `dp = 0`, so `ds = -p_sink * delta`.
 
-    Rows that contribute nothing (padding, or no key and a `-inf` sink) have `delta = 0` or
-    `p_sink = 0`; `lse = +inf` there gives `exp(-inf) = 0`, never NaN.
+    A finite sink keeps every row's normaliser positive, so `lse` is a real log-sum-exp; a
+    `-inf` sink gives `exp(-inf - lse) = 0` even where a row saw nothing (`lse = MASKED`).
     """
     return -jnp.sum(jnp.exp(sinks[..., None] - lse) * delta, axis=-1)
 

@@ -36,11 +36,12 @@ def chunked_attention(
     block_k: int,
     fine_q: int,
     fine_k: int,
-) -> Float[Array, "K G T Dv"]:
+) -> tuple[Float[Array, "K G T Dv"], Float[Array, "K G T"]]:
     """Pad to whole blocks, run the blockwise kernel, drop the padding.
 
     `block_q x block_k` tiles cover the inside of causal/window patterns; `fine_q`/`fine_k`
-    (which must divide them) are the finer steps taken along the pattern's edges.
+    (which must divide them) are the finer steps taken along the pattern's edges. Returns
+    the output and each row's log-sum-exp, which carries no gradient (as in jax.nn).
     """
     T, S = spec.q_seq, spec.kv_seq
     block_q, block_k = min(block_q, T), min(block_k, S)
@@ -61,8 +62,8 @@ def chunked_attention(
     plan = None
     if not spec.only_structural:
         plan = make_plan(spec, block_q, block_k, T + pad_q, S + pad_k)
-    out = _flash(q, k, v, bias, spec, plan, (block_q, block_k, fine_q, fine_k))
-    return out[:, :, :T]
+    out, lse = _flash(q, k, v, bias, spec, plan, (block_q, block_k, fine_q, fine_k))
+    return out[:, :, :T], lse[:, :, :T]
 
 
 def _pad_axis(x, axis, pad):
@@ -218,10 +219,12 @@ def _flash_fwd(q, k, v, bias, spec, plan, blocks):
 
     out, lse = _per_kv_head(forward, spec, bias, q, k, v)
     out, lse = out[:, 0], lse[:, 0]
-    return out, (q, k, v, bias, spec, plan, out, lse)
+    return (out, lse), (q, k, v, bias, spec, plan, out, lse)
 
 
-def _flash_bwd(blocks, residuals, d_out):
+def _flash_bwd(blocks, residuals, cotangents):
+    # The log-sum-exp output is a residual for the caller, not differentiated through.
+    d_out, _ = cotangents
     q, k, v, bias, spec, plan, out, lse = residuals
     d_out = d_out.astype(jnp.float32)
     delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)

@@ -2,8 +2,10 @@
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool
 
 from .._spec import AttentionSpec
+from ._blocks import MASKED
 
 
 def cudnn_unsupported(spec: AttentionSpec, dtype, qk_size: int, vo_size: int) -> str | None:
@@ -17,7 +19,7 @@ def cudnn_unsupported(spec: AttentionSpec, dtype, qk_size: int, vo_size: int) ->
     if qk_size > 128 or qk_size % 8:
         return f"cuDNN needs a head size <= 128 and divisible by 8, got {qk_size}"
     unsupported = {
-        "dropout_p > 0": spec.dropout_p > 0,
+        "dropout_p > 0": spec.dropout_p is not None,
         "logit_softcap": spec.logit_softcap is not None,
         "segment ids": spec.q_segment_ids is not None,
         "mask_mod": spec.mask_mod is not None,
@@ -33,15 +35,19 @@ def cudnn_unsupported(spec: AttentionSpec, dtype, qk_size: int, vo_size: int) ->
 
 
 def cudnn_attention(query, key, value, bias, mask, spec: AttentionSpec):
-    """Run one example through cuDNN (which wants a batch axis) and zero empty rows."""
+    """Run one example through cuDNN (which wants a batch axis) and zero empty rows.
+
+    `query`, `key` and `value` share one dtype. Returns the output `(q_seq, num_heads,
+    vo_size)` and the log-sum-exp `(q_seq, num_heads)`, with `MASKED` for empty rows.
+    """
 
     def batched(x):
-        return None if x is None else x[None] if x.ndim == 3 else x[None, None]
+        return None if x is None else x.reshape((1,) * (4 - x.ndim) + x.shape)
 
     def lengths(length):
         return None if length is None else jnp.reshape(length, (1,))
 
-    out = jax.nn.dot_product_attention(
+    out, lse = jax.nn.dot_product_attention(
         query[None], key[None], value[None],
         bias=batched(None if bias is None else bias.astype(query.dtype)),
         mask=batched(mask),
@@ -51,19 +57,30 @@ def cudnn_attention(query, key, value, bias, mask, spec: AttentionSpec):
         key_value_seq_lengths=lengths(spec.kv_length),
         local_window_size=spec.window,
         implementation="cudnn",
-    )[0]  # fmt: skip
-    # Our contract: a query row with no visible key outputs zeros. Besides the lengths, only
-    # a user mask can empty a row here (causal/window rows always see themselves when
-    # q_seq == kv_seq), and the mask is already O(q_seq * kv_seq), so evaluating it fully
-    # costs nothing new. Padded query rows are zeroed here rather than trusting cuDNN to.
-    has_key = jnp.ones((spec.q_seq, 1, 1), bool)
-    if spec.q_length is not None:
-        has_key = has_key & (jnp.arange(spec.q_seq) < spec.q_length)[:, None, None]
+        return_residual=True,
+    )  # fmt: skip
+    has_key = _rows_with_a_key(spec)
+    out = jnp.where(has_key[:, :, None], out[0], 0).astype(value.dtype)
+    return out, jnp.where(has_key, lse[0].astype(jnp.float32), MASKED)
+
+
+def _rows_with_a_key(spec: AttentionSpec) -> Bool[Array, "q_seq #num_heads"]:
+    """Which query rows (of which heads) see at least one key: the others must output zeros.
+
+    Our contract, which cuDNN does not keep. With a user mask, evaluate visibility fully:
+    the mask is already `O(q_seq * kv_seq)`, so this costs nothing new. Without one, causal
+    and window rows see themselves (cuDNN runs only with `q_seq == kv_seq`), so a row is
+    empty only through its own padding or where the key lengths end before its window
+    starts: row `i` sees keys from `max(i - left, 0)` on.
+    """
+    rows = jnp.arange(spec.q_seq)
     if spec.mask is not None:
-        idx_q, idx_kv = jnp.arange(spec.q_seq), jnp.arange(spec.kv_seq)
-        visible = spec.visible(idx_q, idx_kv, spec.mask)  # [K|1, G|1, T, S]
-        rows = jnp.any(visible, axis=-1)
-        has_key = jnp.moveaxis(rows.reshape(-1, spec.q_seq), 0, 1)[:, :, None]
+        visible = spec.visible(rows, jnp.arange(spec.kv_seq), spec.mask)  # [K|1, G|1, T, S]
+        return jnp.moveaxis(jnp.any(visible, axis=-1).reshape(-1, spec.q_seq), 0, 1)
+    has_key = jnp.ones((spec.q_seq,), bool)
+    if spec.q_length is not None:
+        has_key = has_key & (rows < spec.q_length)
     if spec.kv_length is not None:
-        has_key = has_key & (spec.kv_length > 0)
-    return jnp.where(has_key, out, 0).astype(value.dtype)
+        first = 0 if spec.window is None else jnp.maximum(rows - spec.window[0], 0)
+        has_key = has_key & (first < spec.kv_length)
+    return has_key[:, None]
