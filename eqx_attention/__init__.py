@@ -28,7 +28,9 @@ with install_import_hook("eqx_attention", "beartype.beartype"):
     from ._functional import (
         dot_product_attention as dot_product_attention,
         dot_product_attention_weights as dot_product_attention_weights,
+        make_block_plan as make_block_plan,
     )
+    from ._kernels import BlockPlan as BlockPlan
     from ._lstm import LSTM as LSTM, LSTMCell as LSTMCell
     from ._masks import (
         and_mask_mods as and_mask_mods,
@@ -71,6 +73,7 @@ with install_import_hook("eqx_attention", "beartype.beartype"):
     )
 
 __all__ = [
+    "BlockPlan",
     "CrossAttention",
     "CrossAttentionBlock",
     "Decoding",
@@ -111,6 +114,7 @@ __all__ = [
     "from_zigzag",
     "global_tokens_mask_mod",
     "make_attention_mask",
+    "make_block_plan",
     "make_causal_mask",
     "or_mask_mods",
     "prefix_lm_mask_mod",

@@ -23,17 +23,22 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
 class BlockPlan(eqx.Module):
-    """Visiting lists for one example, on a `block_q x block_k` grid of the padded inputs.
+    """Which blocks the blockwise kernel visits, for one example: build it once with
+    [`eqx_attention.make_block_plan`][] and pass it to every call with the same masking.
 
-    `kv_count[i] = (full, partial)` counts the key blocks query block `i` visits;
-    `kv_index[i, 0, :full]` lists the full ones, `kv_index[i, 1, :partial]` the partial ones.
-    `q_count`/`q_index` are the transpose, for the backward pass's loop over key blocks.
+    On the kernel's `block_q x block_k` grid of the padded inputs, `kv_count[i] = (full,
+    partial)` counts the key blocks query block `i` visits; `kv_index[i, 0, :full]` lists
+    the full ones (attended with no mask at all), `kv_index[i, 1, :partial]` the partial
+    ones. `q_count`/`q_index` are the transpose, for the backward pass. The plan is
+    O(q_seq * kv_seq / block**2) integers; `jax.vmap` the builder for a batch.
     """
 
     kv_count: Int[Array, "num_q 2"]
     kv_index: Int[Array, "num_q 2 num_k"]
     q_count: Int[Array, "num_k 2"]
     q_index: Int[Array, "num_k 2 num_q"]
+    # What the plan was built for, `(q_seq, kv_seq, block_q, block_k)`: checked on use.
+    grid: tuple[int, int, int, int] = eqx.field(static=True)
 
 
 def block_states(
@@ -80,7 +85,16 @@ def make_plan(
     states = block_states(spec, block_q, block_k, padded_q, padded_k)
     kv_count, kv_index = _lists(states)
     q_count, q_index = _lists(states.T)
-    return BlockPlan(kv_count, kv_index, q_count, q_index)
+    grid = (spec.q_seq, spec.kv_seq, block_q, block_k)
+    return BlockPlan(kv_count, kv_index, q_count, q_index, grid)
+
+
+def check_plan(plan: BlockPlan, grid: tuple[int, int, int, int]) -> None:
+    if plan.grid != grid:
+        built, call = (
+            f"q_seq={g[0]}, kv_seq={g[1]} on {g[2]} x {g[3]} blocks" for g in (plan.grid, grid)
+        )
+        raise ValueError(f"block_plan was built for {built}, but this call has {call}")
 
 
 def run_plan(count, index, width: int, step, carry):
