@@ -152,6 +152,11 @@ def _run_blocks(ranges, coarse: int, fine: int, step, carry):
     return carry
 
 
+def _block_step(step, width: int, block, needs_mask: bool, carry):
+    """A plan's block index as the `(start, width)` step of the range loops."""
+    return step(block * width, width, needs_mask, carry)
+
+
 def _visible(spec: AttentionSpec, needs_mask: bool, q_idx, kv_idx, mask_blk, may_pad: bool):
     """The block's mask; `None` for a block in which every pair may attend.
 
@@ -190,7 +195,8 @@ def _forward(q, k, v, bias, spec: AttentionSpec, plan: BlockPlan | None, blocks)
         if plan is None:
             carry = _run_blocks(spec.kv_ranges(q_start, block_q), block_k, fine_k, step, carry)
         else:
-            carry = run_plan(plan.kv_count[i], plan.kv_index[i], block_k, step, carry)
+            blocks = functools.partial(_block_step, step, block_k)
+            carry = run_plan(plan.kv_count[i], plan.kv_index[i], blocks, carry)
         return finalize(carry, spec.sinks)
 
     out, lse = jax.lax.map(one_query_block, jnp.arange(Tp // block_q))
@@ -309,7 +315,8 @@ def _backward(
             ranges = spec.q_ranges(kv_start, block_k)
             carry = _run_blocks(ranges, block_q, fine_q, step, carry)
         else:
-            carry = run_plan(plan.q_count[j], plan.q_index[j], block_q, step, carry)
+            blocks = functools.partial(_block_step, step, block_q)
+            carry = run_plan(plan.q_count[j], plan.q_index[j], blocks, carry)
         dq, dbias, dmod, dk_blk, dv_blk = carry
         return (dq, dbias, dmod), (dk_blk, dv_blk)
 

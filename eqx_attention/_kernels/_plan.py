@@ -60,18 +60,26 @@ def block_states(
         visible = spec.visible(q_idx, kv_idx, mask)
         padding = real_k[None, None, None, :]
         visible = padding if visible is None else visible & padding
-        visible = jnp.broadcast_to(visible, visible.shape[:2] + (block_q, padded_k))
-        # Heads of a dense mask may differ: a block is full only if full for every head.
-        visible = visible.reshape(-1, block_q, padded_k // block_k, block_k)
-        real_q = (q_idx < spec.q_seq)[None, :, None, None]
-        some = jnp.any(visible & real_q, axis=(0, 1, 3))
-        every = jnp.all(visible | ~real_q, axis=(0, 1, 3))
-        return jnp.where(every, FULL, jnp.where(some, PARTIAL, EMPTY)).astype(jnp.int32)
+        return classify(visible, block_k, q_idx < spec.q_seq)
 
     return jax.lax.map(row, jnp.arange(padded_q // block_q))
 
 
-def _lists(states: Int[Array, "n m"]) -> tuple[Int[Array, "n 2"], Int[Array, "n 2 m"]]:
+def classify(visible, block_k: int, real_q=None) -> Int[Array, " num_k"]:
+    """The state of each key block of one query block's `[_, _, bq, num_k * block_k]`
+    visibility; query rows where `real_q` is False (padding) count neither way."""
+    block_q, width = visible.shape[-2:]
+    visible = jnp.broadcast_to(visible, visible.shape[:2] + (block_q, width))
+    # Heads of a dense mask may differ: a block is full only if full for every head.
+    visible = visible.reshape(-1, block_q, width // block_k, block_k)
+    real_q = jnp.ones(block_q, bool) if real_q is None else real_q
+    real_q = real_q[None, :, None, None]
+    some = jnp.any(visible & real_q, axis=(0, 1, 3))
+    every = jnp.all(visible | ~real_q, axis=(0, 1, 3))
+    return jnp.where(every, FULL, jnp.where(some, PARTIAL, EMPTY)).astype(jnp.int32)
+
+
+def visit_lists(states: Int[Array, "n m"]) -> tuple[Int[Array, "n 2"], Int[Array, "n 2 m"]]:
     """Per row: the counts and (in ascending order, first) indices of full and partial blocks."""
     kinds = jnp.stack([states == FULL, states == PARTIAL], axis=1)  # [n, 2, m]
     # A stable sort on "not of this kind" brings the wanted indices to the front, in order.
@@ -83,8 +91,8 @@ def make_plan(
     spec: AttentionSpec, block_q: int, block_k: int, padded_q: int, padded_k: int
 ) -> BlockPlan:
     states = block_states(spec, block_q, block_k, padded_q, padded_k)
-    kv_count, kv_index = _lists(states)
-    q_count, q_index = _lists(states.T)
+    kv_count, kv_index = visit_lists(states)
+    q_count, q_index = visit_lists(states.T)
     grid = (spec.q_seq, spec.kv_seq, block_q, block_k)
     return BlockPlan(kv_count, kv_index, q_count, q_index, grid)
 
@@ -97,12 +105,12 @@ def check_plan(plan: BlockPlan, grid: tuple[int, int, int, int]) -> None:
         raise ValueError(f"block_plan was built for {built}, but this call has {call}")
 
 
-def run_plan(count, index, width: int, step, carry):
-    """Fold `step(start, width, needs_mask, carry)` over a plan's full, then partial, blocks."""
+def run_plan(count, index, step, carry):
+    """Fold `step(block, needs_mask, carry)` over a plan's full, then partial, blocks."""
     for kind, needs_mask in ((0, False), (1, True)):
 
         def body(j, c, kind=kind, needs_mask=needs_mask):
-            return step(index[kind, j] * width, width, needs_mask, c)
+            return step(index[kind, j], needs_mask, c)
 
         carry = jax.lax.fori_loop(0, count[kind], body, carry)
     return carry
