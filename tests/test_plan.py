@@ -232,3 +232,26 @@ def test_reused_plan_equals_a_fresh_one_and_is_checked(monkeypatch):
             q[0, :20], k[0], v[0], block_plan=jax.tree.map(lambda x: x[0], plans),
             implementation="chunked",
         )  # fmt: skip
+
+
+def test_multihead_attention_takes_mask_mods_and_a_shared_plan(getkey):
+    """Packed documents through MultiheadAttention: a mask_mod, the same as a dense mask,
+    and one plan shared by two layers."""
+    layers = [ea.MultiheadAttention(4, 32, num_kv_heads=2, key=getkey()) for _ in range(2)]
+    seq = 700
+    ids = jnp.asarray(np.repeat(np.arange(3), [200, 300, 200]))
+    x = jax.random.normal(getkey(), (seq, 32))
+    dense = ids[:, None] == ids[None, :]
+    mod = ea.document_mask_mod(ids)
+    plan = ea.make_block_plan(seq, seq, mask_mod=mod, is_causal=True)
+
+    def model(x, **options):
+        for layer in layers:
+            x = layer(x, is_causal=True, implementation="chunked", **options)
+        return x
+
+    want = model(x, mask=dense)
+    np.testing.assert_allclose(model(x, mask_mod=mod), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(model(x, mask_mod=mod, block_plan=plan), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="mask_mod and block_plan are not supported with a cache"):
+        layers[0](x[:4], cache=layers[0].init_cache(8), mask_mod=mod)
