@@ -58,9 +58,14 @@ def block_states(
         q_idx = i * block_q + jnp.arange(block_q)
         mask = dense_block(spec.mask, i * block_q, block_q, 0, padded_k)
         visible = spec.visible(q_idx, kv_idx, mask)
-        padding = real_k[None, None, None, :]
-        visible = padding if visible is None else visible & padding
-        return classify(visible, block_k, q_idx < spec.q_seq)
+        if padded_k > spec.kv_seq:
+            padding = real_k[None, None, None, :]
+            visible = padding if visible is None else visible & padding
+        if visible is None:
+            return jnp.full(padded_k // block_k, FULL, jnp.int32)
+        # Padding rows and keys exist only off the block grid: skip that work otherwise.
+        real_q = q_idx < spec.q_seq if padded_q > spec.q_seq else None
+        return classify(visible, block_k, real_q)
 
     return jax.lax.map(row, jnp.arange(padded_q // block_q))
 
@@ -72,10 +77,11 @@ def classify(visible, block_k: int, real_q=None) -> Int[Array, " num_k"]:
     visible = jnp.broadcast_to(visible, visible.shape[:2] + (block_q, width))
     # Heads of a dense mask may differ: a block is full only if full for every head.
     visible = visible.reshape(-1, block_q, width // block_k, block_k)
-    real_q = jnp.ones(block_q, bool) if real_q is None else real_q
-    real_q = real_q[None, :, None, None]
-    some = jnp.any(visible & real_q, axis=(0, 1, 3))
-    every = jnp.all(visible | ~real_q, axis=(0, 1, 3))
+    some, every = visible, visible
+    if real_q is not None:
+        real_q = real_q[None, :, None, None]
+        some, every = visible & real_q, visible | ~real_q
+    some, every = jnp.any(some, axis=(0, 1, 3)), jnp.all(every, axis=(0, 1, 3))
     return jnp.where(every, FULL, jnp.where(some, PARTIAL, EMPTY)).astype(jnp.int32)
 
 
