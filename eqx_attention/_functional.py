@@ -14,7 +14,7 @@ from ._kernels import (
     xla_attention,
     xla_probs,
 )
-from ._spec import AttentionSpec, MaskMod, ScoreMod
+from ._spec import AttentionSpec, MaskMod, ScoreMod, convert_mods
 
 # A `(kv_seq,)` array is a key-padding mask (or a per-key bias) shared by every query.
 BiasArray = (
@@ -90,6 +90,9 @@ def dot_product_attention(
       computed (only causal and window structure is used to skip blocks).
     - `score_mod`: `score_mod(score, head, q_pos, kv_pos) -> score` on broadcastable arrays,
       applied after scale and bias (e.g. ALiBi: `score - slope[head] * (q_pos - kv_pos)`).
+      Both hooks are traced once on scalars and applied element by element, so they must be
+      elementwise; they may close over (traced) arrays, which are constants to
+      differentiation: a learned bias goes in `bias`.
     - `sinks`: optional learned attention-sink logits, float `(num_heads,)`. Head `h`'s
       sink joins the softmax's normaliser as one more key with logit `sinks[h]` (taken as
       it is: not scaled, biased, score-modded or capped) and a zero value, so a row's
@@ -267,6 +270,7 @@ def _prepare(
         raise ValueError(f"logit_softcap must be positive, got logit_softcap={logit_softcap}")
     window = _window(local_window_size)
     group = num_heads // num_kv_heads
+    mask_mod, score_mod = convert_mods(mask_mod, score_mod)
     spec = AttentionSpec(
         q_seq=q_seq,
         kv_seq=kv_seq,

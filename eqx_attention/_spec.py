@@ -9,6 +9,7 @@ is described by the *row* indices of its queries (`0..q_seq-1`) and the indices 
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -23,6 +24,53 @@ Window = tuple[int, int]
 # query head index.
 MaskMod = Callable[[Array, Array], Array]
 ScoreMod = Callable[[Array, Array, Array, Array], Array]
+
+_INT = jax.ShapeDtypeStruct((), jnp.int32)
+_FLOAT = jax.ShapeDtypeStruct((), jnp.float32)
+
+
+class _Hook(eqx.Module):
+    """A closure-converted hook: its closed-over arrays are leaves, the rest is static."""
+
+    arrays: Any
+    rest: Any = eqx.field(static=True)
+
+    def __call__(self, *args: Array) -> Array:
+        return eqx.combine(self.arrays, self.rest)(*args)
+
+
+def convert_mods(
+    mask_mod: MaskMod | None, score_mod: ScoreMod | None
+) -> tuple[MaskMod | None, ScoreMod | None]:
+    """The hooks as pytrees whose closed-over arrays are leaves (`eqx.filter_closure_convert`).
+
+    A hook may close over a traced array (an offset, document ids); held in a static field
+    it would escape into the kernels' `custom_vjp` as a foreign tracer. Converted, its
+    arrays travel as leaves of the spec, and only arrays, as `custom_vjp` requires. The
+    conversion traces the hook once on scalars, so the spec applies it element by element
+    ([`_elementwise`][]), whatever a block's shape.
+
+    The arrays are constants to differentiation (`stop_gradient`) in every implementation:
+    the blockwise kernels' backward pass has no cotangent for them, and a gradient that one
+    implementation computes and another silently drops would be worse than none.
+    """
+
+    def convert(fn, *example):
+        arrays, rest = eqx.partition(eqx.filter_closure_convert(fn, *example), eqx.is_array)
+        return _Hook(jax.lax.stop_gradient(arrays), rest)
+
+    if mask_mod is not None:
+        mask_mod = convert(mask_mod, _INT, _INT)
+    if score_mod is not None:
+        score_mod = convert(score_mod, _FLOAT, _INT, _INT, _INT)
+    return mask_mod, score_mod
+
+
+def _elementwise(fn: Callable[..., Array], *args: Array) -> Array:
+    """`fn`, traced on scalars, applied to the broadcast of `args`."""
+    shape = jnp.broadcast_shapes(*(a.shape for a in args))
+    flat = [jnp.broadcast_to(a, shape).reshape(-1) for a in args]
+    return jax.vmap(fn)(*flat).reshape(shape)
 
 
 class AttentionSpec(eqx.Module):
@@ -43,8 +91,9 @@ class AttentionSpec(eqx.Module):
     # `None` when there is no dropout; an array otherwise, so that a new rate (changed with
     # `eqx.tree_at`, or traced) does not recompile.
     dropout_p: Float[Array, ""] | None
-    mask_mod: MaskMod | None = eqx.field(static=True)
-    score_mod: ScoreMod | None = eqx.field(static=True)
+    # Closure-converted (see `convert_mods`): not static, so closed-over arrays are leaves.
+    mask_mod: MaskMod | None
+    score_mod: ScoreMod | None
     mask: Bool[Array, "_ _ _ _"] | None
     q_length: Int[Array, ""] | None
     kv_length: Int[Array, ""] | None
@@ -86,7 +135,9 @@ class AttentionSpec(eqx.Module):
             s = s + bias
         if self.score_mod is not None:
             q_pos = (q_idx + self.offset)[:, None]
-            s = self.score_mod(s, self.head_index, q_pos, kv_idx[None, :])
+            head = self.head_index.astype(jnp.int32)
+            score = s.astype(jnp.float32)
+            s = _elementwise(self.score_mod, score, head, q_pos, kv_idx[None, :]).astype(s.dtype)
         if self.logit_softcap is not None:
             s = self.logit_softcap * jnp.tanh(s / self.logit_softcap)
         return s
@@ -118,7 +169,7 @@ class AttentionSpec(eqx.Module):
             kv_seg = _take(self.kv_segment_ids, kv_idx)
             conds.append(q_seg[:, None] == kv_seg[None, :])
         if self.mask_mod is not None:
-            conds.append(self.mask_mod(q_pos, kv_pos))
+            conds.append(_elementwise(self.mask_mod, q_pos, kv_pos))
         if mask is not None:
             conds.append(mask)
         if not conds:

@@ -350,6 +350,35 @@ def test_alibi_score_mod_equals_dense_bias(impl, rng):
         _close(g, ref_g, GRAD_TOL)
 
 
+def test_mods_may_close_over_traced_arrays(impl, rng):
+    """A mask_mod or score_mod closing over a traced array (here a jitted, differentiated
+    argument) is not a static closure: it crosses the chunked kernel's custom_vjp without
+    leaking a tracer. Its arrays are constants to differentiation, in every implementation
+    alike (a learned bias goes in `bias`)."""
+    q, k, v = _qkv(rng, 9, 13, 4, 4)
+    slopes = _alibi_slopes(4)
+
+    @jax.jit
+    def loss(q, slopes, prefix):
+        def alibi(score, head, q_pos, kv_pos):
+            return score - slopes[head] * jnp.abs(q_pos - kv_pos)
+
+        def prefix_lm(q_pos, kv_pos):
+            return (kv_pos <= q_pos) | (kv_pos < prefix)
+
+        out = ea.dot_product_attention(
+            q, k, v, mask_mod=prefix_lm, score_mod=alibi, implementation=impl
+        )
+        return jnp.sum(out**2)
+
+    value, (dq, dslopes) = jax.value_and_grad(loss, argnums=(0, 1))(q, slopes, 4)
+    ref = functools.partial(_oracle, mask_mod=_prefix_lm, score_mod=_alibi)
+    ref_value, (ref_dq,) = jax.value_and_grad(lambda q: jnp.sum(ref(q, k, v) ** 2), argnums=(0,))(q)
+    _close(value, ref_value, FWD_TOL)
+    _close(dq, ref_dq, GRAD_TOL)
+    np.testing.assert_array_equal(dslopes, np.zeros(4))
+
+
 def test_softcap_bounds_logits(impl, rng):
     """With a tiny cap every logit lies in (-cap, cap): the output is nearly the mean of V."""
     q, k, v = _qkv(rng, 4, 6, 2, 2)
