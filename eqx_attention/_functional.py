@@ -14,7 +14,8 @@ from ._kernels import (
     xla_attention,
     xla_probs,
 )
-from ._spec import AttentionSpec, MaskMod, ScoreMod, convert_mods
+from ._spec import AttentionSpec, MaskMod, ScoreMod, as_data
+from ._vma import vma
 
 # A `(kv_seq,)` array is a key-padding mask (or a per-key bias) shared by every query.
 BiasArray = (
@@ -84,15 +85,20 @@ def dot_product_attention(
       `[p - left, p + right]`.
     - `query_segment_ids`, `kv_segment_ids`: int arrays `(q_seq,)` and `(kv_seq,)`; a query
       only attends to keys of the same segment (packed documents). Give both or neither.
-    - `logit_softcap`: `cap * tanh(logits / cap)`, as in Gemma 2.
-    - `mask_mod`: FlexAttention-style `mask_mod(q_pos, kv_pos) -> bool`, evaluated on
-      broadcastable position arrays; `False` hides a pair. Fully hidden blocks are still
-      computed (only causal and window structure is used to skip blocks).
-    - `score_mod`: `score_mod(score, head, q_pos, kv_pos) -> score` on broadcastable arrays,
-      applied after scale and bias (e.g. ALiBi: `score - slope[head] * (q_pos - kv_pos)`).
-      Both hooks are traced once on scalars and applied element by element, so they must be
-      elementwise; they may close over (traced) arrays, which are constants to
-      differentiation: a learned bias goes in `bias`.
+    - `logit_softcap`: `cap * tanh(logits / cap)` on the scaled (and score-modded) logits, as
+      in Gemma 2; `bias` is added after the cap, so an additive mask keeps hiding its keys.
+    - `mask_mod`: FlexAttention-style `mask_mod(q_pos, kv_pos) -> bool`, elementwise (it is
+      traced once on scalar positions and applied to every block); `False` hides a pair.
+    - `score_mod`: `score_mod(score, head, q_pos, kv_pos) -> score`, elementwise, applied to
+      the scaled logits (e.g. ALiBi: `score - slope[head] * jnp.abs(q_pos - kv_pos)`).
+      Both mods may close over arrays: learned ones (ALiBi slopes, a relative-position
+      table) get gradients through every implementation, and per-example ones may be
+      `vmap`ped. They only ever see real positions, never the kernels' block padding.
+
+    Every source of masking (causal/window structure, the lengths, segment ids, `mask_mod`,
+    `mask`) skips the blocks it hides entirely: the blockwise kernel classifies each
+    (query block, key block) pair once per call as empty, full or partial, and visits only
+    the non-empty ones, also under `jax.vmap`.
     - `sinks`: optional learned attention-sink logits, float `(num_heads,)`. Head `h`'s
       sink joins the softmax's normaliser as one more key with logit `sinks[h]` (taken as
       it is: not scaled, biased, score-modded or capped) and a zero value, so a row's
@@ -270,7 +276,9 @@ def _prepare(
         raise ValueError(f"logit_softcap must be positive, got logit_softcap={logit_softcap}")
     window = _window(local_window_size)
     group = num_heads // num_kv_heads
-    mask_mod, score_mod = convert_mods(mask_mod, score_mod)
+    # The mods are elementwise: scalars stand for the blocks they will be applied to, typed
+    # (inside shard_map) as varying like the inputs.
+    position, axes = jnp.int32(0), vma(query, key, value)
     spec = AttentionSpec(
         q_seq=q_seq,
         kv_seq=kv_seq,
@@ -281,8 +289,10 @@ def _prepare(
         window=window,
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
         dropout_p=dropout_rate,
-        mask_mod=mask_mod,
-        score_mod=score_mod,
+        mask_mod=as_data(mask_mod, "mask_mod", axes, position, position),
+        score_mod=as_data(
+            score_mod, "score_mod", axes, jnp.float32(0), position, position, position
+        ),
         mask=None if mask is None else _split_heads(mask, num_kv_heads, group),
         q_length=_length(query_seq_length),
         kv_length=_length(key_value_seq_length),

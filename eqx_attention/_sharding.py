@@ -31,11 +31,14 @@ from ._kernels._blocks import (
     block_forward,
     finalize,
     init_carry,
+    score_mod_params,
     sink_grad,
     spec_cotangent,
+    zeros_like_params,
 )
 from ._mha import MultiheadAttention
 from ._spec import AttentionSpec, MaskMod, ScoreMod
+from ._vma import vary, varying_axes, vma
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -436,38 +439,6 @@ def _skip_or(hidden, compute, operand):
     return jax.lax.cond(hidden, lambda x: x, compute, operand)
 
 
-def _vary(tree, axes):
-    """Mark fresh accumulators as varying over the same mesh axes as the inputs.
-
-    `shard_map` type-checks loop carries; zeros created inside it are device-invariant
-    until cast.
-    """
-
-    def cast(x):
-        missing = tuple(a for a in axes if a not in _varying_axes(x))
-        if not missing:
-            return x
-        if hasattr(jax.lax, "pcast"):
-            return jax.lax.pcast(x, missing, to="varying")
-        return jax.lax.pvary(x, missing)  # older jax spells the same cast `pvary`
-
-    return jax.tree.map(cast, tree)
-
-
-def _vma(*xs):
-    axes = set()
-    for x in jax.tree.leaves(xs):
-        axes |= set(_varying_axes(x))
-    return tuple(sorted(axes, key=str))
-
-
-def _varying_axes(x) -> frozenset:
-    # The manual axes a value varies over: `aval.mat.varying` in newer jax, `aval.vma` before.
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)
-    return mat.varying if mat is not None else getattr(aval, "vma", frozenset())
-
-
 def _fold(carry, q_tiles, q_idx, q_seg, k, v, kv_idx, kv_seg, spec, tq: _Tiles, tk: _Tiles):
     """Fold one visiting key/value slice into the running softmax of every query tile."""
 
@@ -500,7 +471,7 @@ def _forward(q, k, v, q_seg, kv_seg, spec: AttentionSpec, config: _Config):
     q_seg = None if q_seg is None else tq.split(q_seg, 0, mode="edge")
     kv = (tk.split(k, 1), tk.split(v, 1), None if kv_seg is None else tk.split(kv_seg, 0))
     carry = jax.vmap(lambda q_blk: init_carry(q_blk, v.shape[-1]))(q_tiles)
-    carry = _vary(carry, _vma(q, k, v))
+    carry = vary(carry, vma(q, k, v))
 
     def fold(s, carry, kv):
         kv_idx = tk.indices((me - s) % n, n)
@@ -541,63 +512,70 @@ def _ring_bwd(config: _Config, residuals, d_out):
     q_idx = tq.indices(me, n)
     q_seg = None if q_seg is None else tq.split(q_seg, 0, mode="edge")
     kv = (tk.split(k, 1), tk.split(v, 1), None if kv_seg is None else tk.split(kv_seg, 0))
-    axes = _vma(q, k, v, d_out)
-    dq = _vary(jnp.zeros(q_tiles.shape, jnp.float32), axes)
-    dkv = _vary((jnp.zeros(kv[0].shape, jnp.float32), jnp.zeros(kv[1].shape, jnp.float32)), axes)
+    axes = vma(q, k, v, d_out)
+    dq = vary(jnp.zeros(q_tiles.shape, jnp.float32), axes)
+    dkv = vary((jnp.zeros(kv[0].shape, jnp.float32), jnp.zeros(kv[1].shape, jnp.float32)), axes)
+    dmod = vary(zeros_like_params(score_mod_params(spec)[0]), axes)
 
-    def grads(s, dq, kv):
+    def grads(s, dq, dmod, kv):
         """dq contributions from a visiting slice, and that slice's dk, dv from our queries."""
         kv_idx = tk.indices((me - s) % n, n)
 
-        def one_kv_tile(dq, xs):
+        def one_kv_tile(acc, xs):
             k_blk, v_blk, kvi, kvs, valid = xs
 
             def step(i, acc):
                 def compute(acc):
-                    dq_i, dk, dv = acc
+                    dq_i, dmod, dk, dv = acc
                     qs = None if q_seg is None else q_seg[i]
                     visible = spec.visible(q_idx[i], kvi, _tile_mask(qs, kvs, valid))
-                    dq_step, dk_step, dv_step, _ = block_backward(
+                    dq_step, dk_step, dv_step, _, dmod_step = block_backward(
                         q_tiles[i], k_blk, v_blk, do_tiles[i], lse_tiles[i], delta_tiles[i],
                         spec, q_idx[i], kvi, None, visible,
                     )  # fmt: skip
-                    return dq_i + dq_step, dk + dk_step, dv + dv_step
+                    dmod = jax.tree.map(jnp.add, dmod, dmod_step)
+                    return dq_i + dq_step, dmod, dk + dk_step, dv + dv_step
 
-                dq, dk, dv = acc
+                dq, dmod, dk, dv = acc
                 # Only this tile's dq passes through the cond: a conditional may copy its
                 # operands, and copying all of dq for every tile pair would dominate.
-                dq_i, dk, dv = _skip_or(_hidden(spec, q_idx[i], kvi), compute, (dq[i], dk, dv))
-                return dq.at[i].set(dq_i), dk, dv
+                hidden = _hidden(spec, q_idx[i], kvi)
+                dq_i, dmod, dk, dv = _skip_or(hidden, compute, (dq[i], dmod, dk, dv))
+                return dq.at[i].set(dq_i), dmod, dk, dv
 
             zeros = (jnp.zeros(k_blk.shape, jnp.float32), jnp.zeros(v_blk.shape, jnp.float32))
-            zeros = _vary(zeros, axes)
-            dq, dk, dv = jax.lax.fori_loop(0, tq.num_tiles, step, (dq, *zeros))
-            return dq, (dk, dv)
+            zeros = vary(zeros, axes)
+            dq, dmod, dk, dv = jax.lax.fori_loop(0, tq.num_tiles, step, (*acc, *zeros))
+            return (dq, dmod), (dk, dv)
 
-        return jax.lax.scan(one_kv_tile, dq, (*kv[:2], kv_idx, kv[2], tk.valid_tiles()))
+        xs = (*kv[:2], kv_idx, kv[2], tk.valid_tiles())
+        return jax.lax.scan(one_kv_tile, (dq, dmod), xs)
 
     def ring_step(s, state):
-        dq, kv, dkv = state
+        dq, dmod, kv, dkv = state
         visiting = jax.lax.ppermute(kv, axis, config.perm())
-        dq, (dk, dv) = grads(s, dq, kv)
+        (dq, dmod), (dk, dv) = grads(s, dq, dmod, kv)
         # The gradients travel with their slice: they arrive home one hop after the last use.
         dkv = jax.lax.ppermute((dkv[0] + dk, dkv[1] + dv), axis, config.perm())
-        return dq, visiting, dkv
+        return dq, dmod, visiting, dkv
 
-    dq, kv, dkv = jax.lax.fori_loop(0, n - 1, ring_step, (dq, kv, dkv))
-    dq, (dk, dv) = grads(n - 1, dq, kv)
+    dq, dmod, kv, dkv = jax.lax.fori_loop(0, n - 1, ring_step, (dq, dmod, kv, dkv))
+    (dq, dmod), (dk, dv) = grads(n - 1, dq, dmod, kv)
     dk, dv = jax.lax.ppermute((dkv[0] + dk, dkv[1] + dv), axis, config.perm())
     dq = tq.merge(dq, 2).astype(q.dtype)
     dk, dv = tk.merge(dk, 1).astype(k.dtype), tk.merge(dv, 1).astype(v.dtype)
-    dsinks = None
-    if spec.sinks is not None:
-        dsinks = sink_grad(spec.sinks, lse, delta)
-        # Each device has the gradient from its own query rows. Sinks the same on every device
-        # get the sum; without type checks (`check_vma=False`) shard_map's transpose sums.
-        if axis in _varying_axes(dsinks) and axis not in _varying_axes(spec.sinks):
-            dsinks = jax.lax.psum(dsinks, axis)
+    dsinks = None if spec.sinks is None else sink_grad(spec.sinks, lse, delta)
+    # Each device has the gradients from its own query rows: parameters the same on every
+    # device get the sum (without type checks, `check_vma=False`, shard_map's transpose sums).
+    dsinks, dmod = jax.tree.map(
+        lambda g, x: (
+            jax.lax.psum(g, axis) if axis in varying_axes(g) and axis not in varying_axes(x) else g
+        ),
+        (dsinks, dmod),
+        (spec.sinks, score_mod_params(spec)[0]),
+    )
     none = jax.tree.map(lambda _: None, (q_seg, kv_seg))
-    return (dq, dk, dv, *none, spec_cotangent(spec, dsinks))
+    return (dq, dk, dv, *none, spec_cotangent(spec, dsinks, dmod))
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)

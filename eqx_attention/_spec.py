@@ -9,68 +9,84 @@ is described by the *row* indices of its queries (`0..q_seq-1`) and the indices 
 """
 
 from collections.abc import Callable
-from typing import Any
 
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, UInt32
+
+from ._vma import eval_jaxpr, vary
 
 # A (left, right) window: a query at position p may see keys in [p - left, p + right].
 Window = tuple[int, int]
 
-# FlexAttention-style hooks. Both receive broadcastable integer arrays: `q_pos` and `kv_pos`
-# are positions on the key axis (a query row i sits at kv_seq - q_seq + i), `head` is the
-# query head index.
+# FlexAttention-style hooks, elementwise: `q_pos` and `kv_pos` are positions on the key axis
+# (a query row i sits at kv_seq - q_seq + i), `head` is the query head index.
 MaskMod = Callable[[Array, Array], Array]
 ScoreMod = Callable[[Array, Array, Array, Array], Array]
 
-_INT = jax.ShapeDtypeStruct((), jnp.int32)
-_FLOAT = jax.ShapeDtypeStruct((), jnp.float32)
 
+class DataMod(eqx.Module):
+    """A mod whose captured arrays are leaves (`consts`), so they trace like any input.
 
-class _Hook(eqx.Module):
-    """A closure-converted hook: its closed-over arrays are leaves, the rest is static."""
-
-    arrays: Any
-    rest: Any = eqx.field(static=True)
-
-    def __call__(self, *args: Array) -> Array:
-        return eqx.combine(self.arrays, self.rest)(*args)
-
-
-def convert_mods(
-    mask_mod: MaskMod | None, score_mod: ScoreMod | None
-) -> tuple[MaskMod | None, ScoreMod | None]:
-    """The hooks as pytrees whose closed-over arrays are leaves (`eqx.filter_closure_convert`).
-
-    A hook may close over a traced array (an offset, document ids); held in a static field
-    it would escape into the kernels' `custom_vjp` as a foreign tracer. Converted, its
-    arrays travel as leaves of the spec, and only arrays, as `custom_vjp` requires. The
-    conversion traces the hook once on scalars, so the spec applies it element by element
-    ([`_elementwise`][]), whatever a block's shape.
-
-    The arrays are constants to differentiation (`stop_gradient`) in every implementation:
-    the blockwise kernels' backward pass has no cotangent for them, and a gradient that one
-    implementation computes and another silently drops would be worse than none.
+    `jaxpr` is the mod traced once on scalars, with every captured array (a tracer of any
+    transformation, learned or not) lifted into `consts`: it refers to no traced value, so it
+    can be a static field.
     """
 
-    def convert(fn, *example):
-        arrays, rest = eqx.partition(eqx.filter_closure_convert(fn, *example), eqx.is_array)
-        return _Hook(jax.lax.stop_gradient(arrays), rest)
+    jaxpr: jax.extend.core.Jaxpr = eqx.field(static=True)
+    consts: tuple[Array, ...]
 
-    if mask_mod is not None:
-        mask_mod = convert(mask_mod, _INT, _INT)
-    if score_mod is not None:
-        score_mod = convert(score_mod, _FLOAT, _INT, _INT, _INT)
-    return mask_mod, score_mod
+    def __call__(self, *args: Array) -> Array:
+        return eval_jaxpr(self.jaxpr, self.consts, *args)[0]
 
 
-def _elementwise(fn: Callable[..., Array], *args: Array) -> Array:
-    """`fn`, traced on scalars, applied to the broadcast of `args`."""
-    shape = jnp.broadcast_shapes(*(a.shape for a in args))
-    flat = [jnp.broadcast_to(a, shape).reshape(-1) for a in args]
-    return jax.vmap(fn)(*flat).reshape(shape)
+def as_data(mod: Callable | None, name: str, axes: tuple, *example_args: Array) -> DataMod | None:
+    """`mod` as a [`DataMod`][]: traced once on scalars like `example_args`.
+
+    A closure over arrays (ALiBi slopes, a relative-position table, per-example document
+    ids under `vmap`) would otherwise hide those arrays from `grad` and from the kernels'
+    custom VJP. Tracing on scalars also checks that the mod is elementwise and returns one
+    value of the right kind: a bool for `mask_mod`, a float score for `score_mod`.
+
+    Inside `shard_map`, the captured arrays are cast here, once, to vary over the inputs' mesh
+    `axes`: cast inside a kernel's backward pass instead, their gradient would be summed over
+    the devices (the cast's transpose) at every block.
+    """
+    if mod is None:
+        return None
+    try:
+        closed = jax.make_jaxpr(mod)(*example_args)
+    except Exception as error:
+        raise ValueError(
+            f"{name} must be an elementwise function of scalars {example_args}; calling it "
+            f"on them failed: {error}"
+        ) from error
+    out = closed.out_avals
+    if len(out) != 1 or out[0].shape != ():
+        raise ValueError(
+            f"{name} must be elementwise, returning one value for scalar arguments, got "
+            f"{', '.join(map(str, out))}"
+        )
+    want, kind = (jnp.bool_, "a bool") if name == "mask_mod" else (jnp.floating, "a float")
+    if not jnp.issubdtype(out[0].dtype, want):
+        raise ValueError(f"{name} must return {kind}, got dtype {out[0].dtype.name}")
+    return DataMod(closed.jaxpr, tuple(vary(closed.consts, axes)))
+
+
+def elementwise(fn: Callable, *args: Array) -> Array:
+    """`fn` of scalars, applied over broadcastable arrays: one `vmap` per axis that varies."""
+    ndim = max(a.ndim for a in args)
+    args = tuple(jnp.reshape(a, (1,) * (ndim - a.ndim) + a.shape) for a in args)
+    if ndim == 0:
+        return fn(*args)
+    varying = [a.shape[0] != 1 for a in args]
+    inner = tuple(a if v else a[0] for a, v in zip(args, varying, strict=True))
+    if not any(varying):
+        return elementwise(fn, *inner)[None]
+    in_axes = tuple(0 if v else None for v in varying)
+    return jax.vmap(lambda *xs: elementwise(fn, *xs), in_axes=in_axes)(*inner)
 
 
 class AttentionSpec(eqx.Module):
@@ -91,9 +107,9 @@ class AttentionSpec(eqx.Module):
     # `None` when there is no dropout; an array otherwise, so that a new rate (changed with
     # `eqx.tree_at`, or traced) does not recompile.
     dropout_p: Float[Array, ""] | None
-    # Closure-converted (see `convert_mods`): not static, so closed-over arrays are leaves.
-    mask_mod: MaskMod | None
-    score_mod: ScoreMod | None
+    # Their captured arrays are leaves of the spec (see `as_data`).
+    mask_mod: DataMod | None
+    score_mod: DataMod | None
     mask: Bool[Array, "_ _ _ _"] | None
     q_length: Int[Array, ""] | None
     kv_length: Int[Array, ""] | None
@@ -129,17 +145,19 @@ class AttentionSpec(eqx.Module):
         kv_idx: Int[Array, " bk"],
         bias: Float[Array, "_ _ _ _"] | None,
     ) -> Float[Array, "K G bq bk"]:
-        """Scaled, biased, score-modded and soft-capped logits, in that order."""
+        """Scaled, score-modded, soft-capped and biased logits, in that order.
+
+        The bias comes after the cap, as Gemma 2 masks after capping: a bias of `-inf` (or
+        `-1e9`) used as an additive mask keeps hiding its key instead of becoming `-cap`.
+        """
         s = logits * self.scale
-        if bias is not None:
-            s = s + bias
         if self.score_mod is not None:
-            q_pos = (q_idx + self.offset)[:, None]
-            head = self.head_index.astype(jnp.int32)
-            score = s.astype(jnp.float32)
-            s = _elementwise(self.score_mod, score, head, q_pos, kv_idx[None, :]).astype(s.dtype)
+            q_pos, kv_pos = self._real_positions(q_idx, kv_idx)
+            s = elementwise(self.score_mod, s, self.head_index, q_pos, kv_pos)
         if self.logit_softcap is not None:
             s = self.logit_softcap * jnp.tanh(s / self.logit_softcap)
+        if bias is not None:
+            s = s + bias
         return s
 
     def visible(
@@ -169,7 +187,7 @@ class AttentionSpec(eqx.Module):
             kv_seg = _take(self.kv_segment_ids, kv_idx)
             conds.append(q_seg[:, None] == kv_seg[None, :])
         if self.mask_mod is not None:
-            conds.append(_elementwise(self.mask_mod, q_pos, kv_pos))
+            conds.append(elementwise(self.mask_mod, *self._real_positions(q_idx, kv_idx)))
         if mask is not None:
             conds.append(mask)
         if not conds:
@@ -180,6 +198,16 @@ class AttentionSpec(eqx.Module):
         return jnp.broadcast_to(ok, ok.shape[:-2] + (q_idx.shape[0], kv_idx.shape[0]))[
             (None,) * (4 - ok.ndim)
         ]
+
+    def _real_positions(self, q_idx, kv_idx) -> tuple[Int[Array, "bq 1"], Int[Array, "1 bk"]]:
+        """Positions for the mods, with the kernels' block padding clamped to real ones.
+
+        A mod may be undefined past the sequence (e.g. `sqrt(kv_seq - 1 - kv_pos)`); those
+        pairs are masked anyway, but a NaN there would still reach the gradient through
+        `where`.
+        """
+        q_pos = jnp.minimum(q_idx, self.q_seq - 1) + self.offset
+        return q_pos[:, None], jnp.minimum(kv_idx, self.kv_seq - 1)[None, :]
 
     def keep(self, q_idx: Int[Array, " bq"], kv_idx: Int[Array, " bk"]) -> Bool[Array, "_ G bq bk"]:
         """Dropout keep-mask: a counter-based hash of (seed, head, query, key).

@@ -40,39 +40,48 @@ def ring_check(
     check_vma=True,
     segments=False,
     sinks=False,
+    alibi=False,
     block_sizes=None,
     **kwargs,
 ):
-    """Ring attention vs single-device attention: output and (q, k, v[, sinks]) gradients."""
-    keys = jax.random.split(jax.random.key(hash(name) % 2**31), 6)
+    """Ring attention vs single-device attention: output and (q, k, v) gradients, and those
+    of learned sinks and of the ALiBi slopes a `score_mod` closes over."""
+    keys = jax.random.split(jax.random.key(hash(name) % 2**31), 7)
     lead = () if batch is None else (batch,)
     q = jax.random.normal(keys[0], lead + (q_seq, 4, 8))
     k = jax.random.normal(keys[1], lead + (SEQ, 2, 8))
     v = jax.random.normal(keys[2], lead + (SEQ, 2, 6))
     cotangent = jax.random.normal(keys[3], lead + (q_seq, 4, 6))
-    # Learned sinks are replicated on every device, and differentiated like q, k and v.
-    args = (q, k, v, jax.random.normal(keys[5], (4,))) if sinks else (q, k, v)
+    # Learned sinks and slopes are replicated on every device, and differentiated too.
+    learned = dict(
+        sinks=jax.random.normal(keys[5], (4,)) if sinks else None,
+        slopes=jax.random.uniform(keys[6], (4,), minval=0.1) if alibi else None,
+    )
+    args = (q, k, v, learned)
     # Three packed documents of uneven length, crossing shard boundaries.
     kv_seg = jnp.repeat(jnp.arange(3), jnp.array([13, 17, 10]), total_repeat_length=SEQ)
     q_seg = kv_seg[SEQ - q_seq :]
 
-    def options(qs, ks):
+    def options(qs, ks, learned):
         extra = dict(query_segment_ids=qs, kv_segment_ids=ks) if segments else {}
-        return {**kwargs, **extra}
+        if learned["slopes"] is not None:
+            slopes = learned["slopes"]
+            extra["score_mod"] = lambda s, h, qp, kp: s - slopes[h] * jnp.abs(qp - kp)
+        return {**kwargs, **extra, "sinks": learned["sinks"]}
 
-    def reference(q, k, v, sinks=None):
+    def reference(q, k, v, learned):
         fn = lambda q, k, v: eqx_attention.dot_product_attention(  # noqa: E731
-            q, k, v, implementation="xla", sinks=sinks, **options(q_seg, kv_seg)
+            q, k, v, implementation="xla", **options(q_seg, kv_seg, learned)
         )
         return fn(q, k, v) if batch is None else jax.vmap(fn)(q, k, v)
 
     mesh = Mesh(np.array(jax.devices()[:RING]), ("seq",))
     seq_spec = P("seq") if batch is None else P(None, "seq")
 
-    def local(q, k, v, qs, ks, sinks):
+    def local(q, k, v, qs, ks, learned):
         fn = lambda q, k, v: eqx_attention.ring_attention(  # noqa: E731
-            q, k, v, axis_name="seq", layout=layout, block_sizes=block_sizes, sinks=sinks,
-            **options(qs, ks),
+            q, k, v, axis_name="seq", layout=layout, block_sizes=block_sizes,
+            **options(qs, ks, learned),
         )  # fmt: skip
         return fn(q, k, v) if batch is None else jax.vmap(fn)(q, k, v)
 
@@ -84,13 +93,13 @@ def ring_check(
         check_vma=check_vma,
     )
 
-    def ring(q, k, v, sinks=None):
+    def ring(q, k, v, learned):
         if layout != "zigzag":
-            return sharded(q, k, v, q_seg, kv_seg, sinks)
+            return sharded(q, k, v, q_seg, kv_seg, learned)
         # Reorder whole sequences before sharding, and restore the output's order after.
         axis = 0 if batch is None else 1
         to = lambda x, axis=axis: eqx_attention.to_zigzag(x, RING, axis=axis)  # noqa: E731
-        out = sharded(to(q), to(k), to(v), to(q_seg, 0), to(kv_seg, 0), sinks)
+        out = sharded(to(q), to(k), to(v), to(q_seg, 0), to(kv_seg, 0), learned)
         return eqx_attention.from_zigzag(out, RING, axis=axis)
 
     def value_and_grads(fn):
@@ -187,7 +196,7 @@ def zigzag_explicit_check():
 def main():
     results = {
         "ring_gqa_batched_tiles": ring_check("gqa", batch=2, block_sizes=(4, 4), scale=0.3),
-        "ring_causal_sinks": ring_check("causal", is_causal=True, sinks=True),
+        "ring_causal_sinks_alibi": ring_check("causal", is_causal=True, sinks=True, alibi=True),
         "ring_causal_zigzag_segments": ring_check(
             "zigzag", layout="zigzag", is_causal=True, segments=True, block_sizes=(2, 2)
         ),
@@ -204,8 +213,8 @@ def main():
         "ring_cross_causal_unchecked": ring_check(
             "cross", q_seq=SEQ // 2, is_causal=True, check_vma=False
         ),
-        "ring_cross_sinks_unchecked": ring_check(
-            "cross", q_seq=SEQ // 2, is_causal=True, sinks=True, check_vma=False
+        "ring_cross_sinks_alibi_unchecked": ring_check(
+            "cross", q_seq=SEQ // 2, is_causal=True, sinks=True, alibi=True, check_vma=False
         ),
         "zigzag_explicit": zigzag_explicit_check(),
         "data_parallel": training_check((8,), None),

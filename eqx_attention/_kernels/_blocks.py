@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,12 +82,17 @@ def block_backward(
 ):
     """Gradients of one (query block, key block) pair, recomputed from the saved lse.
 
-    `delta = rowsum(d_out * out)`. Returns `(dq, dk, dv, dbias)` for this block; `dbias`
-    has the block's bias shape (or is `None` without a bias).
+    `delta = rowsum(d_out * out)`. Returns `(dq, dk, dv, dbias, dmod)` for this block: `dbias`
+    has the block's bias shape (or is `None` without a bias), `dmod` is the gradient of the
+    arrays `score_mod` captured (see [`score_mod_params`][]), for the caller to sum.
     """
-    s, scores_vjp = jax.vjp(
-        lambda logits, b: spec.scores(logits, q_idx, kv_idx, b), raw_logits(q, k), bias
-    )
+    params, static = score_mod_params(spec)
+
+    def scores(logits, b, params):
+        score_mod = None if spec.score_mod is None else eqx.combine(params, static)
+        return dataclasses.replace(spec, score_mod=score_mod).scores(logits, q_idx, kv_idx, b)
+
+    s, scores_vjp = jax.vjp(scores, raw_logits(q, k), bias, params)
     lse = lse[..., None]
     if visible is None:
         p = jnp.exp(s - lse)
@@ -103,10 +109,24 @@ def block_backward(
     dv = jnp.einsum(
         "kgqc,kgqd->kcd", p_dropped.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32
     )
-    ds, dbias = scores_vjp(p * (dp - delta[..., None]))
+    ds, dbias, dmod = scores_vjp(p * (dp - delta[..., None]))
     dq = jnp.einsum("kgqc,kcd->kgqd", ds, k, preferred_element_type=jnp.float32)
     dk = jnp.einsum("kgqc,kgqd->kcd", ds, q, preferred_element_type=jnp.float32)
-    return dq, dk, dv, dbias
+    return dq, dk, dv, dbias, dmod
+
+
+def score_mod_params(spec: AttentionSpec):
+    """`score_mod` split into its floating-point captured arrays and the rest (`eqx.partition`).
+
+    Those arrays are the mod's learnable parameters (ALiBi slopes, a relative-position table):
+    the backward pass differentiates the scores with respect to them too.
+    """
+    return eqx.partition(spec.score_mod, eqx.is_inexact_array)
+
+
+def zeros_like_params(params):
+    """Float32 accumulators for the gradient of `score_mod_params`, summed over blocks."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
 
 
 def finalize(
@@ -141,6 +161,11 @@ def sink_grad(
     return -jnp.sum(jnp.exp(sinks[..., None] - lse) * delta, axis=-1)
 
 
-def spec_cotangent(spec: AttentionSpec, dsinks: Float[Array, "K G"] | None) -> AttentionSpec:
-    """A custom VJP's cotangent for the spec: the sinks' gradient, none for its other leaves."""
-    return dataclasses.replace(jax.tree.map(lambda _: None, spec), sinks=dsinks)
+def spec_cotangent(spec: AttentionSpec, dsinks, dmod) -> AttentionSpec:
+    """A custom VJP's cotangent for the spec: the gradients of the sinks and of `score_mod`'s
+    parameters (as accumulated in float32), none for its other leaves."""
+    # `dmod` has `None` where the mod holds no float array, as a cotangent should.
+    params, _ = score_mod_params(spec)
+    dmod = None if dmod is None else jax.tree.map(lambda g, x: g.astype(x.dtype), dmod, params)
+    empty = jax.tree.map(lambda _: None, spec)
+    return dataclasses.replace(empty, sinks=dsinks, score_mod=dmod)

@@ -18,9 +18,12 @@ from ._blocks import (
     block_forward,
     finalize,
     init_carry,
+    score_mod_params,
     sink_grad,
     spec_cotangent,
+    zeros_like_params,
 )
+from ._plan import BlockPlan, make_plan, run_plan
 
 
 def chunked_attention(
@@ -54,7 +57,12 @@ def chunked_attention(
     spec = _replace(spec, mask=mask)
     if bias is not None:
         bias = _pad_dense(bias, pad_q, pad_k, 0.0)
-    out, lse = _flash(q, k, v, bias, spec, (block_q, block_k, fine_q, fine_k))
+    # Data-dependent masks decide per example which blocks to visit; structure alone decides
+    # from loop indices, with finer steps along a window's edges.
+    plan = None
+    if not spec.only_structural:
+        plan = make_plan(spec, block_q, block_k, T + pad_q, S + pad_k)
+    out, lse = _flash(q, k, v, bias, spec, plan, (block_q, block_k, fine_q, fine_k))
     return out[:, :, :T], lse[:, :, :T]
 
 
@@ -110,33 +118,36 @@ def _split(lo, hi, inner_lo, inner_hi, coarse: int, fine: int):
 
 
 def _run_blocks(ranges, coarse: int, fine: int, step, carry):
-    """Fold `step(start, width, interior, carry)` over the five ranges of [`_split`][]."""
+    """Fold `step(start, width, needs_mask, carry)` over the five ranges of [`_split`][].
+
+    Only for structural masking: the interior of the pattern then needs no mask.
+    """
     parts = _split(*ranges, coarse, fine)
     widths = (fine, coarse, coarse, coarse, fine)
     interior = (False, False, True, False, False)
     for (lo, hi), width, inside in zip(parts, widths, interior, strict=True):
 
         def body(j, c, width=width, inside=inside):
-            return step(j * width, width, inside, c)
+            return step(j * width, width, not inside, c)
 
         carry = jax.lax.fori_loop(lo, hi, body, carry)
     return carry
 
 
-def _visible(spec: AttentionSpec, interior: bool, q_idx, kv_idx, mask_blk, may_pad: bool):
-    """The block's mask; `None` inside the pattern when nothing data-dependent masks.
+def _visible(spec: AttentionSpec, needs_mask: bool, q_idx, kv_idx, mask_blk, may_pad: bool):
+    """The block's mask; `None` for a block in which every pair may attend.
 
-    `may_pad` says whether the block can reach into the key padding that fills the last
-    block, which must then be hidden too.
+    `needs_mask` says whether anything but key padding may hide a pair; `may_pad` whether
+    the block can reach into the key padding that fills the last block.
     """
-    visible = None if interior and spec.only_structural else spec.visible(q_idx, kv_idx, mask_blk)
+    visible = spec.visible(q_idx, kv_idx, mask_blk) if needs_mask else None
     if may_pad:
         padding = kv_idx[None, None, None, :] < spec.kv_seq
         visible = padding if visible is None else visible & padding
     return visible
 
 
-def _forward(q, k, v, bias, spec: AttentionSpec, blocks):
+def _forward(q, k, v, bias, spec: AttentionSpec, plan: BlockPlan | None, blocks):
     block_q, block_k, _, fine_k = blocks
     K, G, Tp, _ = q.shape
     vo_size = v.shape[-1]
@@ -146,19 +157,22 @@ def _forward(q, k, v, bias, spec: AttentionSpec, blocks):
         q_blk = jax.lax.dynamic_slice_in_dim(q, q_start, block_q, axis=2)
         q_idx = q_start + jnp.arange(block_q)
 
-        def step(kv_start, width, interior, carry):
+        def step(kv_start, width, needs_mask, carry):
             kv_idx = kv_start + jnp.arange(width)
             k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, width, axis=1)
             v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, width, axis=1)
             mask_blk = dense_block(spec.mask, q_start, block_q, kv_start, width)
             bias_blk = dense_block(bias, q_start, block_q, kv_start, width)
-            # Interior blocks end at or before kv_seq; only edge blocks can reach padding.
-            may_pad = not interior and spec.kv_seq % width != 0
-            visible = _visible(spec, interior, q_idx, kv_idx, mask_blk, may_pad)
+            # Blocks that need no mask end at or before kv_seq: only the others can reach padding.
+            may_pad = needs_mask and spec.kv_seq % width != 0
+            visible = _visible(spec, needs_mask, q_idx, kv_idx, mask_blk, may_pad)
             return block_forward(carry, q_blk, k_blk, v_blk, spec, q_idx, kv_idx, bias_blk, visible)
 
-        ranges = spec.kv_ranges(q_start, block_q)
-        carry = _run_blocks(ranges, block_k, fine_k, step, init_carry(q_blk, vo_size))
+        carry = init_carry(q_blk, vo_size)
+        if plan is None:
+            carry = _run_blocks(spec.kv_ranges(q_start, block_q), block_k, fine_k, step, carry)
+        else:
+            carry = run_plan(plan.kv_count[i], plan.kv_index[i], block_k, step, carry)
         return finalize(carry, spec.sinks)
 
     out, lse = jax.lax.map(one_query_block, jnp.arange(Tp // block_q))
@@ -194,41 +208,47 @@ def _per_kv_head(fn, spec: AttentionSpec, bias, *arrays):
     return jax.lax.map(one_head, xs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, bias, spec, blocks):
-    return _flash_fwd(q, k, v, bias, spec, blocks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, bias, spec, plan, blocks):
+    return _flash_fwd(q, k, v, bias, spec, plan, blocks)[0]
 
 
-def _flash_fwd(q, k, v, bias, spec, blocks):
+def _flash_fwd(q, k, v, bias, spec, plan, blocks):
     def forward(spec, bias, q, k, v):
-        return _forward(q, k, v, bias, spec, blocks)
+        return _forward(q, k, v, bias, spec, plan, blocks)
 
     out, lse = _per_kv_head(forward, spec, bias, q, k, v)
     out, lse = out[:, 0], lse[:, 0]
-    return (out, lse), (q, k, v, bias, spec, out, lse)
+    return (out, lse), (q, k, v, bias, spec, plan, out, lse)
 
 
 def _flash_bwd(blocks, residuals, cotangents):
     # The log-sum-exp output is a residual for the caller, not differentiated through.
     d_out, _ = cotangents
-    q, k, v, bias, spec, out, lse = residuals
+    q, k, v, bias, spec, plan, out, lse = residuals
     d_out = d_out.astype(jnp.float32)
     delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)
 
     def backward(spec, bias, q, k, v, lse, delta, d_out):
-        return _backward(q, k, v, bias, spec, lse, delta, d_out, blocks)
+        return _backward(q, k, v, bias, spec, plan, lse, delta, d_out, blocks)
 
-    dq, dk, dv, dbias = _per_kv_head(backward, spec, bias, q, k, v, lse, delta, d_out)
+    dq, dk, dv, dbias, dmod = _per_kv_head(backward, spec, bias, q, k, v, lse, delta, d_out)
     if dbias is not None:
         # A bias shared by all heads collects every head's gradient.
         dbias = dbias[:, 0] if bias.shape[0] > 1 else jnp.sum(dbias, axis=0)
         dbias = dbias.astype(bias.dtype)
+    # score_mod is shared by the heads (they are its argument), so it collects them all.
+    dmod = jax.tree.map(lambda g: jnp.sum(g, axis=0), dmod)
     dsinks = None if spec.sinks is None else sink_grad(spec.sinks, lse, delta)
-    return dq[:, 0], dk[:, 0], dv[:, 0], dbias, spec_cotangent(spec, dsinks)
+    dspec = spec_cotangent(spec, dsinks, dmod)
+    plan_cotangent = jax.tree.map(lambda _: None, plan)
+    return dq[:, 0], dk[:, 0], dv[:, 0], dbias, dspec, plan_cotangent
 
 
-def _backward(q, k, v, bias, spec: AttentionSpec, lse, delta, d_out, blocks):
-    """Gradients `(dq, dk, dv, dbias)`, looping over key blocks outside, queries inside.
+def _backward(
+    q, k, v, bias, spec: AttentionSpec, plan: BlockPlan | None, lse, delta, d_out, blocks
+):
+    """Gradients `(dq, dk, dv, dbias, dmod)`, looping over key blocks outside, queries inside.
 
     `delta = rowsum(d_out * out)`, in float32 like `d_out`.
     """
@@ -236,14 +256,14 @@ def _backward(q, k, v, bias, spec: AttentionSpec, lse, delta, d_out, blocks):
     Sp = k.shape[1]
 
     def one_kv_block(acc, j):
-        dq, dbias = acc
+        dq, dbias, dmod = acc
         kv_start = j * block_k
         kv_idx = kv_start + jnp.arange(block_k)
         k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, block_k, axis=1)
         v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, block_k, axis=1)
 
-        def step(q_start, width, interior, carry):
-            dq, dbias, dk_blk, dv_blk = carry
+        def step(q_start, width, needs_mask, carry):
+            dq, dbias, dmod, dk_blk, dv_blk = carry
             q_idx = q_start + jnp.arange(width)
             rows = [
                 jax.lax.dynamic_slice_in_dim(x, q_start, width, axis=2)
@@ -251,31 +271,41 @@ def _backward(q, k, v, bias, spec: AttentionSpec, lse, delta, d_out, blocks):
             ]
             mask_blk = dense_block(spec.mask, q_start, width, kv_start, block_k)
             bias_blk = dense_block(bias, q_start, width, kv_start, block_k)
-            # Which key block holds the padding is only known at run time: check it everywhere.
-            may_pad = spec.kv_seq % block_k != 0
-            visible = _visible(spec, interior, q_idx, kv_idx, mask_blk, may_pad)
-            dq_blk, dk_step, dv_step, dbias_blk = block_backward(
+            # Which key block holds the padding is only known at run time: check every block,
+            # but for a plan's full ones, which hold none.
+            may_pad = spec.kv_seq % block_k != 0 and (needs_mask or plan is None)
+            visible = _visible(spec, needs_mask, q_idx, kv_idx, mask_blk, may_pad)
+            dq_blk, dk_step, dv_step, dbias_blk, dmod_blk = block_backward(
                 rows[0], k_blk, v_blk, *rows[1:], spec, q_idx, kv_idx, bias_blk, visible
             )
             dq = _add_slice(dq, dq_blk, q_start, axis=2)
             if dbias is not None:
                 dbias = _add_dense_block(dbias, dbias_blk, q_start, kv_start)
-            return dq, dbias, dk_blk + dk_step, dv_blk + dv_step
+            dmod = jax.tree.map(jnp.add, dmod, dmod_blk)
+            return dq, dbias, dmod, dk_blk + dk_step, dv_blk + dv_step
 
         zeros_k = jnp.zeros(k_blk.shape, jnp.float32)
         zeros_v = jnp.zeros(v_blk.shape, jnp.float32)
-        ranges = spec.q_ranges(kv_start, block_k)
-        carry = (dq, dbias, zeros_k, zeros_v)
-        dq, dbias, dk_blk, dv_blk = _run_blocks(ranges, block_q, fine_q, step, carry)
-        return (dq, dbias), (dk_blk, dv_blk)
+        carry = (dq, dbias, dmod, zeros_k, zeros_v)
+        if plan is None:
+            ranges = spec.q_ranges(kv_start, block_k)
+            carry = _run_blocks(ranges, block_q, fine_q, step, carry)
+        else:
+            carry = run_plan(plan.q_count[j], plan.q_index[j], block_q, step, carry)
+        dq, dbias, dmod, dk_blk, dv_blk = carry
+        return (dq, dbias, dmod), (dk_blk, dv_blk)
 
     dq0 = jnp.zeros(q.shape, jnp.float32)
     dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-    (dq, dbias), (dk, dv) = jax.lax.scan(one_kv_block, (dq0, dbias0), jnp.arange(Sp // block_k))
+    # Summed block by block in a fixed order: deterministic, and as large as the parameters.
+    dmod0 = zeros_like_params(score_mod_params(spec)[0])
+    (dq, dbias, dmod), (dk, dv) = jax.lax.scan(
+        one_kv_block, (dq0, dbias0, dmod0), jnp.arange(Sp // block_k)
+    )
     # [num_k, K, bk, ...] -> [K, num_k * bk, ...]
     dk = jnp.moveaxis(dk, 0, 1).reshape(k.shape)
     dv = jnp.moveaxis(dv, 0, 1).reshape(v.shape)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, dmod
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -1,0 +1,94 @@
+"""The block plan: which (query block, key block) pairs the blockwise kernel visits.
+
+Causal and window structure alone decide their block ranges from loop indices
+(`AttentionSpec.kv_ranges`). Every other source of masking depends on data: lengths, segment
+ids, `mask_mod`, a dense mask. For those the plan is built per example, on device, from the
+spec itself: every (query, key) pair of the padded grid is classified once, and each block
+pair becomes *empty* (skipped), *full* (attended with no mask at all) or *partial* (masked).
+
+The kernels then loop over compact lists of block indices, so under `jax.vmap` a hidden
+block is still skipped rather than computed and discarded: the loop runs as long as the
+example with the most blocks needs, and a `lax.cond` (which `vmap` turns into a select that
+computes both branches) is never involved.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Int
+
+from .._spec import AttentionSpec, dense_block
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+class BlockPlan(eqx.Module):
+    """Visiting lists for one example, on a `block_q x block_k` grid of the padded inputs.
+
+    `kv_count[i] = (full, partial)` counts the key blocks query block `i` visits;
+    `kv_index[i, 0, :full]` lists the full ones, `kv_index[i, 1, :partial]` the partial ones.
+    `q_count`/`q_index` are the transpose, for the backward pass's loop over key blocks.
+    """
+
+    kv_count: Int[Array, "num_q 2"]
+    kv_index: Int[Array, "num_q 2 num_k"]
+    q_count: Int[Array, "num_k 2"]
+    q_index: Int[Array, "num_k 2 num_q"]
+
+
+def block_states(
+    spec: AttentionSpec, block_q: int, block_k: int, padded_q: int, padded_k: int
+) -> Int[Array, "num_q num_k"]:
+    """`EMPTY`, `PARTIAL` or `FULL` for every block pair, from every mask source at once.
+
+    `spec.mask`, when present, is already padded to `(padded_q, padded_k)`. Padding query rows
+    are ignored (their output is dropped); padding keys are hidden, so a block holding some is
+    at most partial. One query block of the grid is evaluated at a time: memory stays
+    O(block_q * kv_seq), never O(q_seq * kv_seq).
+    """
+    kv_idx = jnp.arange(padded_k)
+    real_k = kv_idx < spec.kv_seq
+
+    def row(i):
+        q_idx = i * block_q + jnp.arange(block_q)
+        mask = dense_block(spec.mask, i * block_q, block_q, 0, padded_k)
+        visible = spec.visible(q_idx, kv_idx, mask)
+        padding = real_k[None, None, None, :]
+        visible = padding if visible is None else visible & padding
+        visible = jnp.broadcast_to(visible, visible.shape[:2] + (block_q, padded_k))
+        # Heads of a dense mask may differ: a block is full only if full for every head.
+        visible = visible.reshape(-1, block_q, padded_k // block_k, block_k)
+        real_q = (q_idx < spec.q_seq)[None, :, None, None]
+        some = jnp.any(visible & real_q, axis=(0, 1, 3))
+        every = jnp.all(visible | ~real_q, axis=(0, 1, 3))
+        return jnp.where(every, FULL, jnp.where(some, PARTIAL, EMPTY)).astype(jnp.int32)
+
+    return jax.lax.map(row, jnp.arange(padded_q // block_q))
+
+
+def _lists(states: Int[Array, "n m"]) -> tuple[Int[Array, "n 2"], Int[Array, "n 2 m"]]:
+    """Per row: the counts and (in ascending order, first) indices of full and partial blocks."""
+    kinds = jnp.stack([states == FULL, states == PARTIAL], axis=1)  # [n, 2, m]
+    # A stable sort on "not of this kind" brings the wanted indices to the front, in order.
+    index = jnp.argsort(~kinds, axis=-1, stable=True).astype(jnp.int32)
+    return jnp.sum(kinds, axis=-1, dtype=jnp.int32), index
+
+
+def make_plan(
+    spec: AttentionSpec, block_q: int, block_k: int, padded_q: int, padded_k: int
+) -> BlockPlan:
+    states = block_states(spec, block_q, block_k, padded_q, padded_k)
+    kv_count, kv_index = _lists(states)
+    q_count, q_index = _lists(states.T)
+    return BlockPlan(kv_count, kv_index, q_count, q_index)
+
+
+def run_plan(count, index, width: int, step, carry):
+    """Fold `step(start, width, needs_mask, carry)` over a plan's full, then partial, blocks."""
+    for kind, needs_mask in ((0, False), (1, True)):
+
+        def body(j, c, kind=kind, needs_mask=needs_mask):
+            return step(index[kind, j] * width, width, needs_mask, c)
+
+        carry = jax.lax.fori_loop(0, count[kind], body, carry)
+    return carry

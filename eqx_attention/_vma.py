@@ -1,0 +1,65 @@
+"""Varying manual axes: how `shard_map` (with `check_vma=True`) types values by the mesh axes
+they differ over, and the casts that make fresh values agree with their inputs."""
+
+import jax
+import jax.extend
+
+
+def vary(tree, axes):
+    """Mark fresh accumulators as varying over the same mesh axes as the inputs.
+
+    `shard_map` type-checks loop carries; zeros created inside it are device-invariant
+    until cast.
+    """
+
+    def cast(x):
+        missing = tuple(a for a in axes if a not in varying_axes(x))
+        if not missing:
+            return x
+        if hasattr(jax.lax, "pcast"):
+            return jax.lax.pcast(x, missing, to="varying")
+        return jax.lax.pvary(x, missing)  # older jax spells the same cast `pvary`
+
+    return jax.tree.map(cast, tree)
+
+
+def vma(*xs) -> tuple:
+    """The mesh axes any of the arrays in `xs` varies over, in a fixed order."""
+    axes = set()
+    for x in jax.tree.leaves(xs):
+        axes |= set(varying_axes(x))
+    return tuple(sorted(axes, key=str))
+
+
+def varying_axes(x) -> frozenset:
+    """The manual axes a value varies over: `aval.mat.varying` in newer jax, `aval.vma` before."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    return mat.varying if mat is not None else getattr(aval, "vma", frozenset())
+
+
+def eval_jaxpr(jaxpr: jax.extend.core.Jaxpr, consts, *args) -> list:
+    """Evaluate `jaxpr`, first casting each equation's inputs to the axes any of them varies over.
+
+    A jaxpr traced outside `shard_map` (a mod, traced once on scalars) mixes its arguments
+    with literals and captured arrays that `shard_map` types as device-invariant; tracing the
+    same code inside would have inserted these casts. Outside `shard_map` nothing varies and
+    this is plain evaluation. Nested `jit`s are evaluated inline, the same way.
+    """
+    env = dict(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+
+    def read(var):
+        return var.val if isinstance(var, jax.extend.core.Literal) else env[var]
+
+    for eqn in jaxpr.eqns:
+        inputs = [read(var) for var in eqn.invars]
+        inputs = vary(inputs, vma(*inputs))
+        if eqn.primitive.name == "jit":
+            inner = eqn.params["jaxpr"]
+            outputs = eval_jaxpr(inner.jaxpr, inner.consts, *inputs)
+        else:
+            outputs = eqn.primitive.bind(*inputs, **eqn.params)
+            outputs = outputs if eqn.primitive.multiple_results else [outputs]
+        env.update(zip(eqn.outvars, outputs, strict=True))
+    return [read(var) for var in jaxpr.outvars]

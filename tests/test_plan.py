@@ -1,0 +1,196 @@
+"""The block plan: its classification of block pairs, and that the kernel visits only the
+non-empty ones, in every pass and under `jax.vmap` (where a `lax.cond` would compute both
+branches and skip nothing)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import eqx_attention as ea
+from eqx_attention import _kernels as kernels
+from eqx_attention._functional import _prepare
+from eqx_attention._kernels import _chunked
+from eqx_attention._kernels._plan import EMPTY, FULL, PARTIAL, block_states, make_plan
+
+BQ, BK = 4, 8
+SMALL_BLOCKS = {"BLOCK_Q": BQ, "BLOCK_K": BK, "FINE_Q": 2, "FINE_K": 4}
+NO_OPTIONS = dict(
+    bias=None, mask=None, scale=None, is_causal=False, query_seq_length=None,
+    key_value_seq_length=None, local_window_size=None, query_segment_ids=None,
+    kv_segment_ids=None, logit_softcap=None, mask_mod=None, score_mod=None, sinks=None,
+    dropout_p=0.0, dropout_key=None,
+)  # fmt: skip
+
+
+def _spec(q_seq, kv_seq, num_heads=2, **options):
+    q, k = jnp.zeros((q_seq, num_heads, 4)), jnp.zeros((kv_seq, 1, 4))
+    spec, *_ = _prepare(q, k, k, **{**NO_OPTIONS, **options})
+    return spec
+
+
+def _dense_visible(spec):
+    """`[num_heads, q_seq, kv_seq]` visibility, straight from the spec on the whole grid."""
+    visible = spec.visible(jnp.arange(spec.q_seq), jnp.arange(spec.kv_seq), spec.mask)
+    visible = True if visible is None else visible
+    shape = (spec.num_kv_heads, spec.group, spec.q_seq, spec.kv_seq)
+    return np.asarray(jnp.broadcast_to(visible, shape)).reshape(-1, spec.q_seq, spec.kv_seq)
+
+
+def _expected_states(visible):
+    """Brute force: classify each block pair of the (unpadded) grid."""
+    _, q_seq, kv_seq = visible.shape
+    num_q, num_k = -(-q_seq // BQ), -(-kv_seq // BK)
+    states = np.zeros((num_q, num_k), int)
+    for i in range(num_q):
+        for j in range(num_k):
+            block = visible[:, i * BQ : (i + 1) * BQ, j * BK : (j + 1) * BK]
+            whole = block.shape[2] == BK  # a block holding key padding cannot be full
+            states[i, j] = FULL if whole and block.all() else PARTIAL if block.any() else EMPTY
+    return states
+
+
+@st.composite
+def _problems(draw):
+    q_seq, kv_seq = draw(st.integers(1, 30)), draw(st.integers(1, 30))
+    options = {}
+    if draw(st.booleans()):
+        options["is_causal"] = True
+    if draw(st.booleans()):
+        options["local_window_size"] = (draw(st.integers(0, 12)), draw(st.integers(0, 12)))
+    if draw(st.booleans()):
+        options["query_seq_length"] = draw(st.integers(0, q_seq))
+    if draw(st.booleans()):
+        options["key_value_seq_length"] = draw(st.integers(0, kv_seq))
+    if draw(st.booleans()):
+        docs = draw(st.lists(st.integers(0, 3), min_size=kv_seq, max_size=kv_seq))
+        kv_ids = jnp.asarray(sorted(docs), jnp.int32)
+        options["kv_segment_ids"] = kv_ids
+        options["query_segment_ids"] = kv_ids[kv_seq - q_seq :] if q_seq <= kv_seq else None
+        if options["query_segment_ids"] is None:
+            del options["kv_segment_ids"], options["query_segment_ids"]
+    if draw(st.booleans()):
+        prefix = draw(st.integers(0, 10))
+        options["mask_mod"] = lambda q_pos, kv_pos: (kv_pos <= q_pos) | (kv_pos < prefix)
+    if draw(st.booleans()):
+        bits = draw(
+            st.lists(st.booleans(), min_size=2 * q_seq * kv_seq, max_size=2 * q_seq * kv_seq)
+        )
+        options["mask"] = jnp.asarray(bits).reshape(2, q_seq, kv_seq)
+    return q_seq, kv_seq, options
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=_problems())
+def test_states_match_brute_force(problem):
+    q_seq, kv_seq, options = problem
+    spec = _spec(q_seq, kv_seq, **options)
+    expected = _expected_states(_dense_visible(spec))
+    pad_q, pad_k = -q_seq % BQ, -kv_seq % BK
+    if spec.mask is not None:
+        spec = _chunked._replace(spec, mask=_chunked._pad_dense(spec.mask, pad_q, pad_k, False))
+    states = block_states(spec, BQ, BK, q_seq + pad_q, kv_seq + pad_k)
+    np.testing.assert_array_equal(np.asarray(states), expected)
+
+
+def test_lists_are_compact_and_ordered():
+    ids = jnp.array([0] * 8 + [1] * 16 + [2] * 8)
+    spec = _spec(32, 32, query_segment_ids=ids, kv_segment_ids=ids, is_causal=True)
+    plan = make_plan(spec, BQ, BK, 32, 32)
+    states = np.asarray(block_states(spec, BQ, BK, 32, 32))
+    for i in range(8):
+        full, partial = (int(c) for c in plan.kv_count[i])
+        assert list(plan.kv_index[i, 0, :full]) == list(np.flatnonzero(states[i] == FULL))
+        assert list(plan.kv_index[i, 1, :partial]) == list(np.flatnonzero(states[i] == PARTIAL))
+    for j in range(4):
+        full, partial = (int(c) for c in plan.q_count[j])
+        assert list(plan.q_index[j, 0, :full]) == list(np.flatnonzero(states[:, j] == FULL))
+        assert list(plan.q_index[j, 1, :partial]) == list(np.flatnonzero(states[:, j] == PARTIAL))
+
+
+def _count_blocks(monkeypatch):
+    """Patch the kernel's block steps to count the calls that run (per example under vmap)."""
+    counts = {"forward": 0, "backward": 0}
+
+    def counting(name, step):
+        def wrapped(*args):
+            # The query block is batched data under vmap, so the callback fires per example.
+            q_blk = args[1] if name == "forward" else args[0]
+
+            def bump(start):
+                # Under vmap the callback sees either one example's value or the batch's.
+                counts[name] += np.size(start)
+
+            jax.debug.callback(bump, q_blk.reshape(-1)[0])
+            return step(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(_chunked, "block_forward", counting("forward", _chunked.block_forward))
+    monkeypatch.setattr(_chunked, "block_backward", counting("backward", _chunked.block_backward))
+    return counts
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["documents", "documents_causal", "mask_mod_prefix", "dense_mask", "lengths"],
+)
+def test_kernel_visits_only_non_empty_blocks_under_vmap(case, monkeypatch):
+    """Two examples with different patterns: each pass runs exactly as many block steps as
+    the example with the most non-empty blocks needs (vmap runs the loops in lockstep, and
+    the callback fires for each example), and not a step for a block both leave empty."""
+    for name, size in SMALL_BLOCKS.items():
+        monkeypatch.setattr(kernels, name, size)
+    seq = 32
+    docs = jnp.array([[0] * 8 + [1] * 8 + [2] * 16, [0] * 24 + [1] * 8])
+    per_example = {
+        "documents": lambda b: dict(query_segment_ids=docs[b], kv_segment_ids=docs[b]),
+        "documents_causal": lambda b: dict(
+            query_segment_ids=docs[b], kv_segment_ids=docs[b], is_causal=True
+        ),
+        "mask_mod_prefix": lambda b: dict(mask_mod=lambda q, k, p=4 + 8 * b: (k <= q) | (k < p)),
+        "dense_mask": lambda b: dict(mask=(docs[b][:, None] == docs[b][None, :])),
+        "lengths": lambda b: dict(key_value_seq_length=jnp.array([9, 14])[b]),
+    }[case]
+    # Which blocks each example needs, from the same brute force as above.
+    states = np.stack(
+        [
+            _expected_states(_dense_visible(_spec(seq, seq, num_heads=1, **per_example(b))))
+            for b in range(2)
+        ]
+    )
+    assert np.sum(states[0] != EMPTY) < states[0].size, "the case should skip something"
+    # Each loop (full blocks, then partial ones) runs as long as the example that needs the
+    # most steps there: per query block in the forward pass, per key block in the backward.
+    kinds = np.stack([states == FULL, states == PARTIAL])  # [kind, example, q block, k block]
+    forward = int(np.sum(np.max(kinds.sum(axis=3), axis=1)))
+    backward = int(np.sum(np.max(kinds.sum(axis=2), axis=1)))
+    assert forward < states[0].size and backward < states[0].size
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, seq, 1, 4)), jnp.float32) for _ in range(3))
+    # Batched options: stack the two examples' arrays (mask_mod closes over a batched prefix).
+    if case == "mask_mod_prefix":
+        prefix = jnp.array([4, 12])
+
+        def one(q, k, v, p):
+            return ea.dot_product_attention(
+                q, k, v, mask_mod=lambda qp, kp: (kp <= qp) | (kp < p), implementation="chunked"
+            )
+
+        args = (q, k, v, prefix)
+    else:
+        arrays = [{n: x for n, x in per_example(b).items() if eqx.is_array(x)} for b in range(2)]
+        static = {n: x for n, x in per_example(0).items() if not eqx.is_array(x)}
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *arrays)
+
+        def one(q, k, v, opts):
+            return ea.dot_product_attention(q, k, v, implementation="chunked", **opts, **static)
+
+        args = (q, k, v, stacked)
+    counts = _count_blocks(monkeypatch)
+    out, vjp = jax.vjp(lambda q, k, v: jax.vmap(one)(q, k, v, args[3]), q, k, v)
+    jax.block_until_ready(vjp(jnp.ones_like(out)))
+    assert counts == {"forward": 2 * forward, "backward": 2 * backward}, (forward, backward)
