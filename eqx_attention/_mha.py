@@ -320,6 +320,8 @@ class MultiheadAttention(eqx.Module):
         else:
             self._check_mask(mask, bias, q_seq, k.shape[0])
 
+        # What the output and the weights share, so the two cannot disagree.
+        spec = dict(is_causal=is_causal, local_window_size=window, sinks=self.sinks)
         dropout_p, dropout_key = self._dropout_args(key, inference)
         attn = dot_product_attention(
             q,
@@ -327,9 +329,7 @@ class MultiheadAttention(eqx.Module):
             v,
             bias,
             mask,
-            is_causal=is_causal,
-            local_window_size=window,
-            sinks=self.sinks,
+            **spec,
             dropout_p=dropout_p,
             dropout_key=dropout_key,
             implementation=implementation,
@@ -340,9 +340,7 @@ class MultiheadAttention(eqx.Module):
         # separate method would have to recompute, and write to the cache a second time.
         result: tuple = (out,)
         if return_weights:
-            weights = dot_product_attention_weights(
-                q, k, bias, mask, is_causal=is_causal, local_window_size=window, sinks=self.sinks
-            )
+            weights = dot_product_attention_weights(q, k, bias, mask, **spec)
             result += (weights,)
         if cache is not None:
             result += (cache,)
