@@ -33,6 +33,7 @@ def variants(length: int, documents: int):
         "segment ids": dict(query_segment_ids=ids, kv_segment_ids=ids),
         "mask_mod": dict(mask_mod=same_document),
         "dense mask": dict(mask=dense),
+        "one document": dict(query_segment_ids=ids * 0, kv_segment_ids=ids * 0),
         "causal": dict(is_causal=True),
         "causal + segment ids": dict(is_causal=True, query_segment_ids=ids, kv_segment_ids=ids),
     }
@@ -69,9 +70,11 @@ def main(argv=None):
     )
     print(header)
     print("-" * len(header))
+    # The last group skips nothing: it is what building and using the plan costs.
     groups = [
         ("no mask", ["segment ids", "mask_mod", "dense mask"]),
         ("causal", ["causal + segment ids"]),
+        ("no mask", ["one document"]),
     ]
     for baseline, names in groups:
         fns = {}

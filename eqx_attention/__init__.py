@@ -28,13 +28,22 @@ with install_import_hook("eqx_attention", "beartype.beartype"):
     from ._functional import (
         dot_product_attention as dot_product_attention,
         dot_product_attention_weights as dot_product_attention_weights,
+        make_block_plan as make_block_plan,
     )
+    from ._kernels import BlockPlan as BlockPlan
     from ._lstm import LSTM as LSTM, LSTMCell as LSTMCell
     from ._masks import (
+        and_mask_mods as and_mask_mods,
+        chunked_mask_mod as chunked_mask_mod,
         combine_masks as combine_masks,
         cross_attention_mask as cross_attention_mask,
+        document_mask_mod as document_mask_mod,
+        global_tokens_mask_mod as global_tokens_mask_mod,
         make_attention_mask as make_attention_mask,
         make_causal_mask as make_causal_mask,
+        or_mask_mods as or_mask_mods,
+        prefix_lm_mask_mod as prefix_lm_mask_mod,
+        sliding_window_mask_mod as sliding_window_mask_mod,
     )
     from ._mha import MultiheadAttention as MultiheadAttention
     from ._perceiver import (
@@ -64,6 +73,7 @@ with install_import_hook("eqx_attention", "beartype.beartype"):
     )
 
 __all__ = [
+    "BlockPlan",
     "CrossAttention",
     "CrossAttentionBlock",
     "Decoding",
@@ -93,15 +103,23 @@ __all__ = [
     "TrainablePositionalEncoding",
     "TrainablePositionalMasking",
     "TrainablePositionalPadding",
+    "and_mask_mods",
     "attend",
+    "chunked_mask_mod",
     "combine_masks",
     "cross_attention_mask",
+    "document_mask_mod",
     "dot_product_attention",
     "dot_product_attention_weights",
     "from_zigzag",
+    "global_tokens_mask_mod",
     "make_attention_mask",
+    "make_block_plan",
     "make_causal_mask",
+    "or_mask_mods",
+    "prefix_lm_mask_mod",
     "ring_attention",
+    "sliding_window_mask_mod",
     "shard_heads",
     "to_zigzag",
     "zigzag_indices",

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Inexact, Int, PRNGKeyArray
 
 from ._kernels import (
+    BlockPlan,
     Implementation,
+    block_plan,
     choose_implementation,
     chunked_attention,
     cudnn_attention,
@@ -57,6 +59,7 @@ def dot_product_attention(
     dropout_key: PRNGKeyArray | None = None,
     implementation: Implementation | None = None,
     return_residual: bool = False,
+    block_plan: BlockPlan | None = None,
 ) -> Output | tuple[Output, Residual]:
     r"""Scaled dot-product attention of one example,
     $\mathrm{softmax}(\mathrm{mask}(s \cdot QK^\top + b))V$.
@@ -116,6 +119,10 @@ def dot_product_attention(
       (GPU, half precision; raises a `ValueError` naming what it cannot do). `None` picks
       cuDNN on a GPU when it supports the call, else `"xla"` for small problems, else
       `"chunked"` (the threshold is in the implementations guide).
+    - `block_plan`: a [`eqx_attention.BlockPlan`][] from [`eqx_attention.make_block_plan`][]
+      with the same masking arguments, to reuse across layers and steps instead of
+      classifying the blocks again in every call; checked against the call's lengths. Used
+      by the blockwise kernel, ignored by the others.
     - `return_residual`: also return each row's log-sum-exp of the (masked, scaled, biased)
       logits, as `jax.nn.dot_product_attention(..., return_residual=True)` does. With it,
       attentions over disjoint key sets merge exactly: for outputs `o_i` with log-sum-exps
@@ -167,14 +174,85 @@ def dot_product_attention(
         cast = (x.astype(dtype) for x in (query, key, value))
         out, lse = cudnn_attention(*cast, bias, mask, spec)
     else:
-        kernel = xla_attention if impl == "xla" else chunked_attention
-        out, lse = kernel(q, k, v, spec, bias4)
+        if impl == "xla":
+            out, lse = xla_attention(q, k, v, spec, bias4)
+        else:
+            out, lse = chunked_attention(q, k, v, spec, bias4, block_plan)
         # [K, G, T, ...] -> [T, K * G, ...]: query head n is (n // G, n % G).
         num_kv_heads, group, q_seq, vo_size = out.shape
         out = jnp.transpose(out, (2, 0, 1, 3)).reshape(q_seq, num_kv_heads * group, vo_size)
         lse = jnp.transpose(lse, (2, 0, 1)).reshape(q_seq, num_kv_heads * group)
     out = out.astype(dtype)
     return (out, lse) if return_residual else out
+
+
+def make_block_plan(
+    q_seq: int,
+    kv_seq: int,
+    mask: MaskArray | None = None,
+    *,
+    is_causal: bool = False,
+    query_seq_length: Length | None = None,
+    key_value_seq_length: Length | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    query_segment_ids: Int[Array, " q_seq"] | None = None,
+    kv_segment_ids: Int[Array, " kv_seq"] | None = None,
+    mask_mod: MaskMod | None = None,
+) -> BlockPlan:
+    """Which blocks [`eqx_attention.dot_product_attention`][] visits, built once for reuse.
+
+    Like FlexAttention's `create_block_mask`: every (query block, key block) pair of the
+    blockwise kernel is classified as empty (skipped), full (attended without evaluating
+    any mask) or partial, from all the masking arguments at once. `dot_product_attention`
+    does this itself in every call; build it here to share it between the layers of a model
+    (and its forward and backward passes), then pass `block_plan=plan` together with the
+    same masking arguments. Builds under `jit` and `vmap` (for a batch of plans), and new
+    lengths or document boundaries need no recompilation.
+
+    ```python
+    ids = jnp.repeat(jnp.arange(4), 256)  # 4 packed documents of 256 tokens
+    plan = eqx_attention.make_block_plan(1024, 1024, query_segment_ids=ids,
+                                         kv_segment_ids=ids, is_causal=True)
+    q = k = v = jnp.ones((1024, 8, 64))
+    out = eqx_attention.dot_product_attention(
+        q, k, v, query_segment_ids=ids, kv_segment_ids=ids, is_causal=True, block_plan=plan
+    )
+    ```
+
+    **Arguments:**
+
+    - `q_seq`, `kv_seq`: the query and key lengths of the calls it is for.
+    - `mask`, `is_causal`, `query_seq_length`, `key_value_seq_length`, `local_window_size`,
+      `query_segment_ids`, `kv_segment_ids`, `mask_mod`: as in `dot_product_attention`.
+
+    **Returns:**
+
+    A [`eqx_attention.BlockPlan`][].
+    """
+    num_heads = 1 if mask is None or mask.ndim < 3 else mask.shape[0]
+    query = jnp.zeros((q_seq, num_heads, 1))
+    key = jnp.zeros((kv_seq, 1, 1))
+    spec, *_ = _prepare(
+        query,
+        key,
+        key,
+        bias=None,
+        mask=mask,
+        scale=None,
+        is_causal=is_causal,
+        query_seq_length=query_seq_length,
+        key_value_seq_length=key_value_seq_length,
+        local_window_size=local_window_size,
+        query_segment_ids=query_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        logit_softcap=None,
+        mask_mod=mask_mod,
+        score_mod=None,
+        sinks=None,
+        dropout_p=0.0,
+        dropout_key=None,
+    )
+    return block_plan(spec)
 
 
 def dot_product_attention_weights(

@@ -1,9 +1,13 @@
-"""Per-example boolean mask builders, all returning `[q_seq, kv_seq]` (True = may attend)."""
+"""Per-example boolean mask builders, all returning `[q_seq, kv_seq]` (True = may attend), and
+ready-made `mask_mod`s."""
 
+import functools
 from collections.abc import Callable
 
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Shaped
+from jaxtyping import Array, Bool, Int, Shaped
+
+from ._spec import MaskMod
 
 
 def make_causal_mask(q_len: int, kv_len: int | None = None) -> Bool[Array, "q_len kv_len"]:
@@ -78,3 +82,102 @@ def cross_attention_mask(
     row is all `False`, which attention turns into a zero output row.
     """
     return make_attention_mask(mask_q.astype(bool), mask_kv.astype(bool), jnp.logical_and)
+
+
+# Ready-made `mask_mod`s. Each returns an elementwise function of key-axis positions (a query
+# row i sits at position kv_seq - q_seq + i), for `dot_product_attention(mask_mod=...)`; like
+# every mask source, the blocks they hide are skipped, and arrays they hold may be traced
+# (e.g. `vmap`ped per example).
+
+
+def document_mask_mod(segment_ids: Int[Array, " kv_seq"]) -> MaskMod:
+    """Packed documents: a query attends only to keys of its own document.
+
+    **Arguments:**
+
+    - `segment_ids`: the document of each key position, `(kv_seq,)`; queries take the ids
+      of their positions. The same as `query_segment_ids`/`kv_segment_ids`, as a mod that
+      can be combined with others.
+
+    **Returns:**
+
+    `mask_mod(q_pos, kv_pos)`.
+    """
+    return lambda q_pos, kv_pos: segment_ids[q_pos] == segment_ids[kv_pos]
+
+
+def prefix_lm_mask_mod(prefix_length: int | Int[Array, ""]) -> MaskMod:
+    """Prefix language model: every query sees the whole prefix, and is causal after it.
+
+    **Arguments:**
+
+    - `prefix_length`: the number of prefix (prompt) positions; an int, or an int array
+      (so a batch of prefixes can be `vmap`ped).
+
+    **Returns:**
+
+    `mask_mod(q_pos, kv_pos)`.
+    """
+    return lambda q_pos, kv_pos: (kv_pos <= q_pos) | (kv_pos < prefix_length)
+
+
+def chunked_mask_mod(chunk_size: int) -> MaskMod:
+    """Chunked local attention, as in Llama 4: causal within chunks of `chunk_size`
+    positions, nothing across them.
+
+    **Returns:**
+
+    `mask_mod(q_pos, kv_pos)`.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got chunk_size={chunk_size}")
+    return lambda q_pos, kv_pos: (q_pos // chunk_size == kv_pos // chunk_size) & (kv_pos <= q_pos)
+
+
+def global_tokens_mask_mod(num_global: int | Int[Array, ""]) -> MaskMod:
+    """Global tokens: the first `num_global` positions see every key and every query sees them.
+
+    Combined with a window through [`eqx_attention.or_mask_mods`][] this is
+    Longformer-style attention, and with `is_causal=True` the "attention sink" tokens of
+    StreamingLLM.
+
+    **Returns:**
+
+    `mask_mod(q_pos, kv_pos)`.
+    """
+    return lambda q_pos, kv_pos: (kv_pos < num_global) | (q_pos < num_global)
+
+
+def sliding_window_mask_mod(left: int, right: int = 0) -> MaskMod:
+    """A query at position `p` sees keys in `[p - left, p + right]`: `local_window_size` as a
+    mod, to combine with others (`local_window_size` itself skips blocks by structure alone).
+
+    **Returns:**
+
+    `mask_mod(q_pos, kv_pos)`.
+    """
+    return lambda q_pos, kv_pos: (kv_pos >= q_pos - left) & (kv_pos <= q_pos + right)
+
+
+def and_mask_mods(*mask_mods: MaskMod) -> MaskMod:
+    """A pair is visible when every one of `mask_mods` allows it.
+
+    **Returns:**
+
+    `mask_mod(q_pos, kv_pos)`.
+    """
+    return lambda q_pos, kv_pos: functools.reduce(
+        jnp.logical_and, [mod(q_pos, kv_pos) for mod in mask_mods]
+    )
+
+
+def or_mask_mods(*mask_mods: MaskMod) -> MaskMod:
+    """A pair is visible when any one of `mask_mods` allows it.
+
+    **Returns:**
+
+    `mask_mod(q_pos, kv_pos)`.
+    """
+    return lambda q_pos, kv_pos: functools.reduce(
+        jnp.logical_or, [mod(q_pos, kv_pos) for mod in mask_mods]
+    )

@@ -17,9 +17,9 @@ from ._functional import (
     dot_product_attention,
     dot_product_attention_weights,
 )
-from ._kernels import Implementation
+from ._kernels import BlockPlan, Implementation
 from ._positional import RotaryPositionalEmbedding
-from ._spec import Window
+from ._spec import MaskMod, Window
 
 ProcessHeads = Callable[
     [
@@ -247,6 +247,8 @@ class MultiheadAttention(eqx.Module):
         cache: Cache | None = None,
         implementation: Implementation | None = None,
         return_weights: bool = False,
+        mask_mod: MaskMod | None = None,
+        block_plan: BlockPlan | None = None,
     ) -> Output | tuple[Output, Cache] | tuple[Output, Weights] | tuple[Output, Weights, Cache]:
         """The arguments Equinox has come first, in its order; the others are keyword only.
 
@@ -277,6 +279,13 @@ class MultiheadAttention(eqx.Module):
         - `implementation`: forwarded to [`eqx_attention.dot_product_attention`][].
         - `return_weights`: also return the attention probabilities (computed separately
           from the output, which is unchanged; dropout is not applied to them).
+        - `mask_mod`: as in [`eqx_attention.dot_product_attention`][] (e.g.
+          [`eqx_attention.document_mask_mod`][] for packed documents); its blocks are skipped.
+        - `block_plan`: a [`eqx_attention.BlockPlan`][] from
+          [`eqx_attention.make_block_plan`][] with the same `mask`, `is_causal`,
+          `local_window_size` and `mask_mod`, shared by the layers of a model instead of
+          being rebuilt in each. `mask_mod` and `block_plan` refer to positions without a
+          cache (with one, keys sit in buffer slots), so they cannot be combined with it.
 
         Complex inputs are refused with a `ValueError`.
 
@@ -295,6 +304,11 @@ class MultiheadAttention(eqx.Module):
             )
         if cache is not None and (key_ is not None or value is not None):
             raise ValueError("with a cache, key_ and value must be None (self-attention)")
+        if cache is not None and (mask_mod is not None or block_plan is not None):
+            raise ValueError(
+                "mask_mod and block_plan are not supported with a cache: they refer to "
+                "positions in the keys given, and a cache's keys sit in buffer slots"
+            )
         key_ = query if key_ is None else key_
         value = key_ if value is None else value
         self._check_inputs(query, key_, value)
@@ -321,7 +335,9 @@ class MultiheadAttention(eqx.Module):
             self._check_mask(mask, bias, q_seq, k.shape[0])
 
         # What the output and the weights share, so the two cannot disagree.
-        spec = dict(is_causal=is_causal, local_window_size=window, sinks=self.sinks)
+        spec = dict(
+            is_causal=is_causal, local_window_size=window, mask_mod=mask_mod, sinks=self.sinks
+        )
         dropout_p, dropout_key = self._dropout_args(key, inference)
         attn = dot_product_attention(
             q,
@@ -333,6 +349,7 @@ class MultiheadAttention(eqx.Module):
             dropout_p=dropout_p,
             dropout_key=dropout_key,
             implementation=implementation,
+            block_plan=block_plan,
         )
         out = jax.vmap(self.output_proj)(attn.reshape(q_seq, self.num_heads * self.vo_size))
         # `return_weights` stays a flag rather than a method: the weights need the very heads

@@ -36,6 +36,7 @@ from ._kernels._blocks import (
     spec_cotangent,
     zeros_like_params,
 )
+from ._kernels._plan import classify, run_plan, visit_lists
 from ._mha import MultiheadAttention
 from ._spec import AttentionSpec, MaskMod, ScoreMod
 from ._vma import vary, varying_axes, vma
@@ -439,27 +440,52 @@ def _skip_or(hidden, compute, operand):
     return jax.lax.cond(hidden, lambda x: x, compute, operand)
 
 
+def _tile_lists(spec: AttentionSpec, q_idx, q_seg, kv_idx, kv_seg, kv_valid):
+    """Visiting lists of the (local query tile, visiting key tile) pairs, or `None` when
+    causal/window structure alone decides what is hidden.
+
+    Lengths, segment ids and `mask_mod` depend on data: the pairs they hide are skipped
+    through compact lists (as in the blockwise kernel's block plan), since under `jax.vmap`
+    a `lax.cond` on data would compute both branches. Structure is decided by `_hidden`.
+    """
+    if spec.only_structural and q_seg is None:
+        return None
+    flat = [None if x is None else x.reshape(-1) for x in (kv_idx, kv_seg, kv_valid)]
+
+    def row(qi, qs):
+        return classify(spec.visible(qi, flat[0], _tile_mask(qs, *flat[1:])), kv_idx.shape[1])
+
+    states = jax.vmap(row)(q_idx, q_seg)
+    return visit_lists(states), visit_lists(states.T)
+
+
 def _fold(carry, q_tiles, q_idx, q_seg, k, v, kv_idx, kv_seg, spec, tq: _Tiles, tk: _Tiles):
     """Fold one visiting key/value slice into the running softmax of every query tile."""
 
     kv_valid = tk.valid_tiles()
+    lists = _tile_lists(spec, q_idx, q_seg, kv_idx, kv_seg, kv_valid)
 
     def one_query_tile(args):
-        carry, q_blk, qi, qs = args
+        carry, q_blk, qi, qs, tiles = args
 
-        def step(j, carry):
+        def fold_tile(j, needs_mask, carry):
             kvs = None if kv_seg is None else kv_seg[j]
             valid = None if kv_valid is None else kv_valid[j]
+            mask = _tile_mask(qs, kvs, valid)
+            visible = spec.visible(qi, kv_idx[j], mask) if needs_mask else None
+            return block_forward(carry, q_blk, k[j], v[j], spec, qi, kv_idx[j], None, visible)
 
-            def compute(carry):
-                visible = spec.visible(qi, kv_idx[j], _tile_mask(qs, kvs, valid))
-                return block_forward(carry, q_blk, k[j], v[j], spec, qi, kv_idx[j], None, visible)
+        if tiles is not None:
+            return run_plan(*tiles, fold_tile, carry)
 
+        def step(j, carry):
+            compute = functools.partial(fold_tile, j, True)
             return _skip_or(_hidden(spec, qi, kv_idx[j]), compute, carry)
 
         return jax.lax.fori_loop(0, tk.num_tiles, step, carry)
 
-    return jax.lax.map(one_query_tile, (carry, q_tiles, q_idx, q_seg))
+    tiles = None if lists is None else lists[0]
+    return jax.lax.map(one_query_tile, (carry, q_tiles, q_idx, q_seg, tiles))
 
 
 def _forward(q, k, v, q_seg, kv_seg, spec: AttentionSpec, config: _Config):
@@ -521,34 +547,44 @@ def _ring_bwd(config: _Config, residuals, d_out):
         """dq contributions from a visiting slice, and that slice's dk, dv from our queries."""
         kv_idx = tk.indices((me - s) % n, n)
 
+        lists = _tile_lists(spec, q_idx, q_seg, kv_idx, kv[2], tk.valid_tiles())
+
         def one_kv_tile(acc, xs):
-            k_blk, v_blk, kvi, kvs, valid = xs
+            k_blk, v_blk, kvi, kvs, valid, tiles = xs
 
-            def step(i, acc):
-                def compute(acc):
-                    dq_i, dmod, dk, dv = acc
-                    qs = None if q_seg is None else q_seg[i]
-                    visible = spec.visible(q_idx[i], kvi, _tile_mask(qs, kvs, valid))
-                    dq_step, dk_step, dv_step, _, dmod_step = block_backward(
-                        q_tiles[i], k_blk, v_blk, do_tiles[i], lse_tiles[i], delta_tiles[i],
-                        spec, q_idx[i], kvi, None, visible,
-                    )  # fmt: skip
-                    dmod = jax.tree.map(jnp.add, dmod, dmod_step)
-                    return dq_i + dq_step, dmod, dk + dk_step, dv + dv_step
+            def grad_tile(i, needs_mask, acc):
+                dq_i, dmod, dk, dv = acc
+                qs = None if q_seg is None else q_seg[i]
+                mask = _tile_mask(qs, kvs, valid)
+                visible = spec.visible(q_idx[i], kvi, mask) if needs_mask else None
+                dq_step, dk_step, dv_step, _, dmod_step = block_backward(
+                    q_tiles[i], k_blk, v_blk, do_tiles[i], lse_tiles[i], delta_tiles[i],
+                    spec, q_idx[i], kvi, None, visible,
+                )  # fmt: skip
+                dmod = jax.tree.map(jnp.add, dmod, dmod_step)
+                return dq_i + dq_step, dmod, dk + dk_step, dv + dv_step
 
+            def visit(i, needs_mask, acc):
                 dq, dmod, dk, dv = acc
-                # Only this tile's dq passes through the cond: a conditional may copy its
+                # Only this tile's dq passes through a cond: a conditional may copy its
                 # operands, and copying all of dq for every tile pair would dominate.
-                hidden = _hidden(spec, q_idx[i], kvi)
-                dq_i, dmod, dk, dv = _skip_or(hidden, compute, (dq[i], dmod, dk, dv))
+                compute = functools.partial(grad_tile, i, needs_mask)
+                operand = (dq[i], dmod, dk, dv)
+                hidden = None if tiles is not None else _hidden(spec, q_idx[i], kvi)
+                dq_i, dmod, dk, dv = _skip_or(hidden, compute, operand)
                 return dq.at[i].set(dq_i), dmod, dk, dv
 
             zeros = (jnp.zeros(k_blk.shape, jnp.float32), jnp.zeros(v_blk.shape, jnp.float32))
-            zeros = vary(zeros, axes)
-            dq, dmod, dk, dv = jax.lax.fori_loop(0, tq.num_tiles, step, (*acc, *zeros))
+            carry = (*acc, *vary(zeros, axes))
+            if tiles is not None:
+                carry = run_plan(*tiles, visit, carry)
+            else:
+                carry = jax.lax.fori_loop(0, tq.num_tiles, lambda i, c: visit(i, True, c), carry)
+            dq, dmod, dk, dv = carry
             return (dq, dmod), (dk, dv)
 
-        xs = (*kv[:2], kv_idx, kv[2], tk.valid_tiles())
+        tiles = None if lists is None else lists[1]
+        xs = (*kv[:2], kv_idx, kv[2], tk.valid_tiles(), tiles)
         return jax.lax.scan(one_kv_tile, (dq, dmod), xs)
 
     def ring_step(s, state):

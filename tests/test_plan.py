@@ -194,3 +194,64 @@ def test_kernel_visits_only_non_empty_blocks_under_vmap(case, monkeypatch):
     out, vjp = jax.vjp(lambda q, k, v: jax.vmap(one)(q, k, v, args[3]), q, k, v)
     jax.block_until_ready(vjp(jnp.ones_like(out)))
     assert counts == {"forward": 2 * forward, "backward": 2 * backward}, (forward, backward)
+
+
+def test_reused_plan_equals_a_fresh_one_and_is_checked(monkeypatch):
+    for name, size in SMALL_BLOCKS.items():
+        monkeypatch.setattr(kernels, name, size)
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 30, 2, 4)), jnp.float32) for _ in range(3))
+    ids = jnp.array([[0] * 10 + [1] * 20, [0] * 25 + [1] * 5])
+    options = dict(is_causal=True, key_value_seq_length=27)
+
+    def plan(ids):
+        return ea.make_block_plan(30, 30, query_segment_ids=ids, kv_segment_ids=ids, **options)
+
+    plans = jax.vmap(plan)(ids)  # one plan per example, reused by two layers below
+
+    def two_layers(q, k, v, ids, plan):
+        def layer(x):
+            return ea.dot_product_attention(
+                x, k, v, query_segment_ids=ids, kv_segment_ids=ids, block_plan=plan,
+                implementation="chunked", **options,
+            )  # fmt: skip
+
+        return layer(layer(q))
+
+    def fresh(q, k, v, ids):
+        return two_layers(q, k, v, ids, None)
+
+    got, grads = jax.value_and_grad(
+        lambda q: jnp.sum(jax.vmap(two_layers)(q, k, v, ids, plans) ** 2)
+    )(q)
+    want, want_grads = jax.value_and_grad(lambda q: jnp.sum(jax.vmap(fresh)(q, k, v, ids) ** 2))(q)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(grads, want_grads, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="block_plan was built for q_seq=30, kv_seq=30"):
+        ea.dot_product_attention(
+            q[0, :20], k[0], v[0], block_plan=jax.tree.map(lambda x: x[0], plans),
+            implementation="chunked",
+        )  # fmt: skip
+
+
+def test_multihead_attention_takes_mask_mods_and_a_shared_plan(getkey):
+    """Packed documents through MultiheadAttention: a mask_mod, the same as a dense mask,
+    and one plan shared by two layers."""
+    layers = [ea.MultiheadAttention(4, 32, num_kv_heads=2, key=getkey()) for _ in range(2)]
+    seq = 700
+    ids = jnp.asarray(np.repeat(np.arange(3), [200, 300, 200]))
+    x = jax.random.normal(getkey(), (seq, 32))
+    dense = ids[:, None] == ids[None, :]
+    mod = ea.document_mask_mod(ids)
+    plan = ea.make_block_plan(seq, seq, mask_mod=mod, is_causal=True)
+
+    def model(x, **options):
+        for layer in layers:
+            x = layer(x, is_causal=True, implementation="chunked", **options)
+        return x
+
+    want = model(x, mask=dense)
+    np.testing.assert_allclose(model(x, mask_mod=mod), want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(model(x, mask_mod=mod, block_plan=plan), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="mask_mod and block_plan are not supported with a cache"):
+        layers[0](x[:4], cache=layers[0].init_cache(8), mask_mod=mod)

@@ -18,6 +18,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 import eqx_attention
+from eqx_attention import _sharding
 
 WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
 # float32 with "highest" matmul precision: ring and single-device results differ only by the
@@ -80,6 +81,53 @@ def test_skipping_survives_batching():
     q = jnp.ones((2, 8, 4, 8))
     ring = _one_device_ring(batched=True, is_causal=True, block_sizes=(4, 4))
     assert "cond[" in str(jax.make_jaxpr(jax.grad(lambda q: ring(q, q, q).sum()))(q))
+
+
+def test_data_masks_skip_tiles_under_vmap(monkeypatch):
+    """Segment ids decide per example which tiles are visited: compact lists, not a cond
+    (which vmap would turn into a select computing every tile). Counts the tile steps that
+    run: under vmap each loop runs as long as the example needing the most steps."""
+    seq, tile = 16, 4
+    docs = jnp.array([[0] * 4 + [1] * 12, [0] * 12 + [1] * 4])
+    counts = {"forward": 0, "backward": 0}
+
+    def counting(name, step, q_arg):
+        def wrapped(*args):
+            def bump(x):
+                counts[name] += np.size(x)
+
+            jax.debug.callback(bump, args[q_arg].reshape(-1)[0])
+            return step(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(_sharding, "block_forward", counting("forward", _sharding.block_forward, 1))
+    monkeypatch.setattr(
+        _sharding, "block_backward", counting("backward", _sharding.block_backward, 0)
+    )
+    mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
+
+    def attend(q, ids):
+        return eqx_attention.ring_attention(
+            q, q, q, axis_name="seq", query_segment_ids=ids, kv_segment_ids=ids,
+            block_sizes=(tile, tile),
+        )  # fmt: skip
+
+    ring = jax.shard_map(
+        jax.vmap(attend), mesh=mesh, in_specs=(P(None, "seq"), P(None, "seq")),
+        out_specs=P(None, "seq"),
+    )  # fmt: skip
+    q = jax.random.normal(jax.random.key(0), (2, seq, 2, 4))
+    jax.block_until_ready(jax.grad(lambda q: jnp.sum(ring(q, docs) ** 2))(q))
+    # Tile (i, j) is full when both tiles lie in one document, empty when in different ones.
+    blocks = np.asarray(docs).reshape(2, seq // tile, tile)
+    same = blocks[:, :, None, :, None] == blocks[:, None, :, None, :]
+    full, some = same.all(axis=(3, 4)), same.any(axis=(3, 4))
+    kinds = np.stack([full, some & ~full])  # [kind, example, q tile, k tile]
+    forward = int(np.sum(np.max(kinds.sum(axis=3), axis=1)))
+    backward = int(np.sum(np.max(kinds.sum(axis=2), axis=1)))
+    assert forward < (seq // tile) ** 2
+    assert counts == {"forward": 2 * forward, "backward": 2 * backward}
 
 
 def test_zigzag_layout():

@@ -3,8 +3,9 @@
 from typing import Literal
 
 from .._spec import AttentionSpec
-from ._chunked import chunked_attention as _blockwise
+from ._chunked import block_plan as _block_plan, chunked_attention as _blockwise
 from ._cudnn import cudnn_attention as cudnn_attention, cudnn_unsupported
+from ._plan import BlockPlan as BlockPlan
 from ._xla import xla_attention as xla_attention, xla_probs as xla_probs
 
 Implementation = Literal["xla", "chunked", "cudnn"]
@@ -26,8 +27,12 @@ FINE_K = 256
 XLA_MAX_LOGITS = 192 * 192
 
 
-def chunked_attention(q, k, v, spec: AttentionSpec, bias):
-    return _blockwise(q, k, v, spec, bias, BLOCK_Q, BLOCK_K, FINE_Q, FINE_K)
+def chunked_attention(q, k, v, spec: AttentionSpec, bias, plan: BlockPlan | None = None):
+    return _blockwise(q, k, v, spec, bias, plan, (BLOCK_Q, BLOCK_K, FINE_Q, FINE_K))
+
+
+def block_plan(spec: AttentionSpec) -> BlockPlan:
+    return _block_plan(spec, (BLOCK_Q, BLOCK_K, FINE_Q, FINE_K))
 
 
 def choose_implementation(

@@ -23,7 +23,7 @@ from ._blocks import (
     spec_cotangent,
     zeros_like_params,
 )
-from ._plan import BlockPlan, make_plan, run_plan
+from ._plan import BlockPlan, check_plan, make_plan, run_plan
 
 
 def chunked_attention(
@@ -32,38 +32,56 @@ def chunked_attention(
     v: Float[Array, "K S Dv"],
     spec: AttentionSpec,
     bias,
-    block_q: int,
-    block_k: int,
-    fine_q: int,
-    fine_k: int,
+    plan: BlockPlan | None,
+    blocks: tuple[int, int, int, int],
 ) -> tuple[Float[Array, "K G T Dv"], Float[Array, "K G T"]]:
     """Pad to whole blocks, run the blockwise kernel, drop the padding.
 
-    `block_q x block_k` tiles cover the inside of causal/window patterns; `fine_q`/`fine_k`
-    (which must divide them) are the finer steps taken along the pattern's edges. Returns
-    the output and each row's log-sum-exp, which carries no gradient (as in jax.nn).
+    `blocks = (block_q, block_k, fine_q, fine_k)`: `block_q x block_k` tiles cover the inside
+    of causal/window patterns; `fine_q`/`fine_k` (which must divide them) are the finer steps
+    taken along the pattern's edges. Data-dependent masks take a [`BlockPlan`][] instead,
+    `plan` or one built here. Returns the output and each row's log-sum-exp, which carries
+    no gradient (as in jax.nn).
     """
     T, S = spec.q_seq, spec.kv_seq
-    block_q, block_k = min(block_q, T), min(block_k, S)
-    # Short sequences make a single block; its edge steps must still divide it.
-    fine_q = fine_q if block_q % fine_q == 0 else block_q
-    fine_k = fine_k if block_k % fine_k == 0 else block_k
+    block_q, block_k, fine_q, fine_k = blocks = _fit(T, S, *blocks)
     pad_q, pad_k = -T % block_q, -S % block_k
     q = _pad_axis(q, 2, pad_q)
     k, v = _pad_axis(k, 1, pad_k), _pad_axis(v, 1, pad_k)
-    mask = spec.mask
-    if mask is not None:
-        mask = _pad_dense(mask, pad_q, pad_k, False)
-    spec = _replace(spec, mask=mask)
+    spec = _pad_mask(spec, pad_q, pad_k)
     if bias is not None:
         bias = _pad_dense(bias, pad_q, pad_k, 0.0)
     # Data-dependent masks decide per example which blocks to visit; structure alone decides
     # from loop indices, with finer steps along a window's edges.
-    plan = None
-    if not spec.only_structural:
+    if plan is not None:
+        check_plan(plan, (T, S, block_q, block_k))
+    elif not spec.only_structural:
         plan = make_plan(spec, block_q, block_k, T + pad_q, S + pad_k)
-    out, lse = _flash(q, k, v, bias, spec, plan, (block_q, block_k, fine_q, fine_k))
+    out, lse = _flash(q, k, v, bias, spec, plan, blocks)
     return out[:, :, :T], lse[:, :, :T]
+
+
+def block_plan(spec: AttentionSpec, blocks: tuple[int, int, int, int]) -> BlockPlan:
+    """The plan `chunked_attention` would build for `spec` with these block sizes."""
+    T, S = spec.q_seq, spec.kv_seq
+    block_q, block_k, _, _ = _fit(T, S, *blocks)
+    pad_q, pad_k = -T % block_q, -S % block_k
+    return make_plan(_pad_mask(spec, pad_q, pad_k), block_q, block_k, T + pad_q, S + pad_k)
+
+
+def _fit(T: int, S: int, block_q: int, block_k: int, fine_q: int, fine_k: int):
+    """Block sizes for these lengths: short sequences make a single block, whose edge steps
+    must still divide it."""
+    block_q, block_k = min(block_q, T), min(block_k, S)
+    fine_q = fine_q if block_q % fine_q == 0 else block_q
+    fine_k = fine_k if block_k % fine_k == 0 else block_k
+    return block_q, block_k, fine_q, fine_k
+
+
+def _pad_mask(spec: AttentionSpec, pad_q: int, pad_k: int) -> AttentionSpec:
+    if spec.mask is None:
+        return spec
+    return _replace(spec, mask=_pad_dense(spec.mask, pad_q, pad_k, False))
 
 
 def _pad_axis(x, axis, pad):
@@ -134,6 +152,11 @@ def _run_blocks(ranges, coarse: int, fine: int, step, carry):
     return carry
 
 
+def _block_step(step, width: int, block, needs_mask: bool, carry):
+    """A plan's block index as the `(start, width)` step of the range loops."""
+    return step(block * width, width, needs_mask, carry)
+
+
 def _visible(spec: AttentionSpec, needs_mask: bool, q_idx, kv_idx, mask_blk, may_pad: bool):
     """The block's mask; `None` for a block in which every pair may attend.
 
@@ -172,7 +195,8 @@ def _forward(q, k, v, bias, spec: AttentionSpec, plan: BlockPlan | None, blocks)
         if plan is None:
             carry = _run_blocks(spec.kv_ranges(q_start, block_q), block_k, fine_k, step, carry)
         else:
-            carry = run_plan(plan.kv_count[i], plan.kv_index[i], block_k, step, carry)
+            blocks = functools.partial(_block_step, step, block_k)
+            carry = run_plan(plan.kv_count[i], plan.kv_index[i], blocks, carry)
         return finalize(carry, spec.sinks)
 
     out, lse = jax.lax.map(one_query_block, jnp.arange(Tp // block_q))
@@ -291,7 +315,8 @@ def _backward(
             ranges = spec.q_ranges(kv_start, block_k)
             carry = _run_blocks(ranges, block_q, fine_q, step, carry)
         else:
-            carry = run_plan(plan.q_count[j], plan.q_index[j], block_q, step, carry)
+            blocks = functools.partial(_block_step, step, block_q)
+            carry = run_plan(plan.q_count[j], plan.q_index[j], blocks, carry)
         dq, dbias, dmod, dk_blk, dv_blk = carry
         return (dq, dbias, dmod), (dk_blk, dv_blk)
 

@@ -23,17 +23,22 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
 class BlockPlan(eqx.Module):
-    """Visiting lists for one example, on a `block_q x block_k` grid of the padded inputs.
+    """Which blocks the blockwise kernel visits, for one example: build it once with
+    [`eqx_attention.make_block_plan`][] and pass it to every call with the same masking.
 
-    `kv_count[i] = (full, partial)` counts the key blocks query block `i` visits;
-    `kv_index[i, 0, :full]` lists the full ones, `kv_index[i, 1, :partial]` the partial ones.
-    `q_count`/`q_index` are the transpose, for the backward pass's loop over key blocks.
+    On the kernel's `block_q x block_k` grid of the padded inputs, `kv_count[i] = (full,
+    partial)` counts the key blocks query block `i` visits; `kv_index[i, 0, :full]` lists
+    the full ones (attended with no mask at all), `kv_index[i, 1, :partial]` the partial
+    ones. `q_count`/`q_index` are the transpose, for the backward pass. The plan is
+    O(q_seq * kv_seq / block**2) integers; `jax.vmap` the builder for a batch.
     """
 
     kv_count: Int[Array, "num_q 2"]
     kv_index: Int[Array, "num_q 2 num_k"]
     q_count: Int[Array, "num_k 2"]
     q_index: Int[Array, "num_k 2 num_q"]
+    # What the plan was built for, `(q_seq, kv_seq, block_q, block_k)`: checked on use.
+    grid: tuple[int, int, int, int] = eqx.field(static=True)
 
 
 def block_states(
@@ -53,20 +58,34 @@ def block_states(
         q_idx = i * block_q + jnp.arange(block_q)
         mask = dense_block(spec.mask, i * block_q, block_q, 0, padded_k)
         visible = spec.visible(q_idx, kv_idx, mask)
-        padding = real_k[None, None, None, :]
-        visible = padding if visible is None else visible & padding
-        visible = jnp.broadcast_to(visible, visible.shape[:2] + (block_q, padded_k))
-        # Heads of a dense mask may differ: a block is full only if full for every head.
-        visible = visible.reshape(-1, block_q, padded_k // block_k, block_k)
-        real_q = (q_idx < spec.q_seq)[None, :, None, None]
-        some = jnp.any(visible & real_q, axis=(0, 1, 3))
-        every = jnp.all(visible | ~real_q, axis=(0, 1, 3))
-        return jnp.where(every, FULL, jnp.where(some, PARTIAL, EMPTY)).astype(jnp.int32)
+        if padded_k > spec.kv_seq:
+            padding = real_k[None, None, None, :]
+            visible = padding if visible is None else visible & padding
+        if visible is None:
+            return jnp.full(padded_k // block_k, FULL, jnp.int32)
+        # Padding rows and keys exist only off the block grid: skip that work otherwise.
+        real_q = q_idx < spec.q_seq if padded_q > spec.q_seq else None
+        return classify(visible, block_k, real_q)
 
     return jax.lax.map(row, jnp.arange(padded_q // block_q))
 
 
-def _lists(states: Int[Array, "n m"]) -> tuple[Int[Array, "n 2"], Int[Array, "n 2 m"]]:
+def classify(visible, block_k: int, real_q=None) -> Int[Array, " num_k"]:
+    """The state of each key block of one query block's `[_, _, bq, num_k * block_k]`
+    visibility; query rows where `real_q` is False (padding) count neither way."""
+    block_q, width = visible.shape[-2:]
+    visible = jnp.broadcast_to(visible, visible.shape[:2] + (block_q, width))
+    # Heads of a dense mask may differ: a block is full only if full for every head.
+    visible = visible.reshape(-1, block_q, width // block_k, block_k)
+    some, every = visible, visible
+    if real_q is not None:
+        real_q = real_q[None, :, None, None]
+        some, every = visible & real_q, visible | ~real_q
+    some, every = jnp.any(some, axis=(0, 1, 3)), jnp.all(every, axis=(0, 1, 3))
+    return jnp.where(every, FULL, jnp.where(some, PARTIAL, EMPTY)).astype(jnp.int32)
+
+
+def visit_lists(states: Int[Array, "n m"]) -> tuple[Int[Array, "n 2"], Int[Array, "n 2 m"]]:
     """Per row: the counts and (in ascending order, first) indices of full and partial blocks."""
     kinds = jnp.stack([states == FULL, states == PARTIAL], axis=1)  # [n, 2, m]
     # A stable sort on "not of this kind" brings the wanted indices to the front, in order.
@@ -78,17 +97,26 @@ def make_plan(
     spec: AttentionSpec, block_q: int, block_k: int, padded_q: int, padded_k: int
 ) -> BlockPlan:
     states = block_states(spec, block_q, block_k, padded_q, padded_k)
-    kv_count, kv_index = _lists(states)
-    q_count, q_index = _lists(states.T)
-    return BlockPlan(kv_count, kv_index, q_count, q_index)
+    kv_count, kv_index = visit_lists(states)
+    q_count, q_index = visit_lists(states.T)
+    grid = (spec.q_seq, spec.kv_seq, block_q, block_k)
+    return BlockPlan(kv_count, kv_index, q_count, q_index, grid)
 
 
-def run_plan(count, index, width: int, step, carry):
-    """Fold `step(start, width, needs_mask, carry)` over a plan's full, then partial, blocks."""
+def check_plan(plan: BlockPlan, grid: tuple[int, int, int, int]) -> None:
+    if plan.grid != grid:
+        built, call = (
+            f"q_seq={g[0]}, kv_seq={g[1]} on {g[2]} x {g[3]} blocks" for g in (plan.grid, grid)
+        )
+        raise ValueError(f"block_plan was built for {built}, but this call has {call}")
+
+
+def run_plan(count, index, step, carry):
+    """Fold `step(block, needs_mask, carry)` over a plan's full, then partial, blocks."""
     for kind, needs_mask in ((0, False), (1, True)):
 
         def body(j, c, kind=kind, needs_mask=needs_mask):
-            return step(index[kind, j] * width, width, needs_mask, c)
+            return step(index[kind, j], needs_mask, c)
 
         carry = jax.lax.fori_loop(0, count[kind], body, carry)
     return carry

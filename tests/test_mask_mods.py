@@ -1,0 +1,74 @@
+"""The ready-made mask_mods against masks spelled out position by position."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqx_attention as ea
+
+SEQ = 12
+
+
+def _visible(mask_mod, **options):
+    q = jnp.zeros((SEQ, 1, 4))
+    weights = ea.dot_product_attention_weights(q, q, mask_mod=mask_mod, **options)
+    return np.asarray(weights[0] > 0)
+
+
+def _expected(rule):
+    return np.array([[bool(rule(i, j)) for j in range(SEQ)] for i in range(SEQ)])
+
+
+IDS = np.array([0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2])
+CASES = {
+    "document": (ea.document_mask_mod(jnp.asarray(IDS)), lambda i, j: IDS[i] == IDS[j]),
+    "prefix_lm": (ea.prefix_lm_mask_mod(4), lambda i, j: j <= i or j < 4),
+    "chunked": (ea.chunked_mask_mod(5), lambda i, j: i // 5 == j // 5 and j <= i),
+    "global_tokens": (ea.global_tokens_mask_mod(2), lambda i, j: i < 2 or j < 2),
+    "sliding_window": (ea.sliding_window_mask_mod(2, 1), lambda i, j: i - 2 <= j <= i + 1),
+    "streaming": (
+        ea.and_mask_mods(
+            ea.or_mask_mods(ea.global_tokens_mask_mod(2), ea.sliding_window_mask_mod(3)),
+            lambda q, k: k <= q,
+        ),
+        lambda i, j: j <= i and (j < 2 or i - 3 <= j),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mask_mod_pattern(case):
+    mask_mod, rule = CASES[case]
+    np.testing.assert_array_equal(_visible(mask_mod), _expected(rule))
+
+
+def test_document_mask_mod_equals_segment_ids_in_the_kernel():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((700, 2, 8)), jnp.float32) for _ in range(3))
+    ids = jnp.asarray(np.repeat(np.arange(3), [200, 300, 200]))
+    by_mod = ea.dot_product_attention(
+        q, k, v, mask_mod=ea.document_mask_mod(ids), implementation="chunked"
+    )
+    by_ids = ea.dot_product_attention(
+        q, k, v, query_segment_ids=ids, kv_segment_ids=ids, implementation="chunked"
+    )
+    np.testing.assert_allclose(by_mod, by_ids, atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_length_per_example_under_vmap():
+    prefixes = jnp.array([2, 7])
+    q = jnp.zeros((2, SEQ, 1, 4))
+
+    def weights(q, prefix):
+        return ea.dot_product_attention_weights(q, q, mask_mod=ea.prefix_lm_mask_mod(prefix))
+
+    visible = np.asarray(jax.vmap(weights)(q, prefixes)[:, 0] > 0)
+    for b, prefix in enumerate([2, 7]):
+        rule = lambda i, j, p=prefix: j <= i or j < p  # noqa: E731
+        np.testing.assert_array_equal(visible[b], _expected(rule))
+
+
+def test_chunk_size_must_be_positive():
+    with pytest.raises(ValueError, match="chunk_size must be positive, got chunk_size=0"):
+        ea.chunked_mask_mod(0)
