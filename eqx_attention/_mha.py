@@ -321,6 +321,7 @@ class MultiheadAttention(eqx.Module):
             k_positions = jnp.arange(kv_seq, dtype=jnp.int32)
         else:
             cache.check_call(mask, bias, window)
+            self._check_cache(cache)
             q_positions = k_positions = cache.length + jnp.arange(q_seq, dtype=jnp.int32)
         q, k, v = self._heads(query, key_, value, q_positions, k_positions, process_heads)
         if cache is not None:
@@ -480,6 +481,22 @@ class MultiheadAttention(eqx.Module):
                 "key_ and value must have the same sequence length, got "
                 f"key_.shape={key_.shape} and value.shape={value.shape}"
             )
+
+    def _check_cache(self, cache: Cache):
+        """A cache made for another layout (by a module with other heads) would be written
+        into and read from silently wrong."""
+        want = {
+            "keys": (self.num_kv_heads, self.qk_size),
+            "values": (self.num_kv_heads, self.vo_size),
+        }
+        for name, (heads, size) in want.items():
+            got = getattr(cache, name).shape[1:]
+            if got != (heads, size):
+                raise ValueError(
+                    f"the cache's {name} have (num_kv_heads, size)={got}, but this module's "
+                    f"are (num_kv_heads, size)={(heads, size)}: make the cache with this "
+                    "module's init_cache"
+                )
 
     def _check_mask(self, mask: Array | None, bias: Array | None, q_seq: int, kv_seq: int):
         full = (self.num_heads, q_seq, kv_seq)

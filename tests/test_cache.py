@@ -172,6 +172,22 @@ def test_cache_argument_errors(getkey):
         mha.init_cache(0)
 
 
+@pytest.mark.parametrize("other", ["fewer_kv_heads", "head_size"])
+def test_cache_of_another_module_is_refused(other, getkey):
+    """Written into silently, it would give an output wrong by O(1)."""
+    mha = _mha(getkey(), gqa=True, rope=False)  # 4 heads, 2 key/value heads of 4
+    foreign = {
+        "fewer_kv_heads": ea.MultiheadAttention(4, 16, num_kv_heads=1, key=getkey()),
+        "head_size": ea.MultiheadAttention(
+            4, 16, qk_size=8, vo_size=8, num_kv_heads=2, key=getkey()
+        ),
+    }[other]
+    x = jnp.ones((2, 16))
+    for cache in (foreign.init_cache(8), foreign.init_sliding_window_cache(4)):
+        with pytest.raises(ValueError, match=r"the cache's keys have \(num_kv_heads, size\)="):
+            mha(x, cache=cache, local_window_size=4)
+
+
 def test_cache_with_padding_mask_and_weights(getkey):
     mha = _mha(getkey(), gqa=True, rope=True)
     x = jax.random.normal(getkey(), (8, 16))
