@@ -34,8 +34,8 @@ def attend(
     - `key_`: `(kv_seq, num_heads, qk_size)`.
     - `value`: `(kv_seq, num_heads, v_size)`.
     - `mask`: optional boolean mask `(q_seq, kv_seq)` or `(num_heads, q_seq, kv_seq)`, any
-      axis possibly 1 to broadcast; `False` hides a pair. See
-      [`eqx_attention.cross_attention_mask`][].
+      axis possibly 1 to broadcast, or a key-padding mask `(kv_seq,)`; `False` hides a pair.
+      See [`eqx_attention.cross_attention_mask`][].
     - `dropout_p`: dropout probability on the attention weights.
     - `key`: PRNG key for dropout; required when `dropout_p > 0` and not `inference`. As
       in [`eqx_attention.MultiheadAttention`][] and Equinox, `key_` is the attention key
@@ -185,8 +185,9 @@ class CrossAttention(eqx.Module):
         - `query`: `(q_seq, query_size)`.
         - `kv`: the sequence attended to, `(kv_seq, kv_size)`; it gives keys and values.
         - `mask`: optional boolean `(q_seq, kv_seq)` or `(num_heads, q_seq, kv_seq)`, any axis
-          possibly 1 to broadcast (`(1, kv_seq)` hides padded inputs); `False` hides a pair,
-          and a query that sees nothing gets the output projection of zeros.
+          possibly 1 to broadcast, or `(kv_seq,)` (which, like `(1, kv_seq)`, hides padded
+          inputs); `False` hides a pair, and a query that sees nothing gets the output
+          projection of zeros.
         - `key`: PRNG key for dropout.
         - `inference`: overrides the module's `inference`.
         - `implementation`: forwarded to [`eqx_attention.dot_product_attention`][].

@@ -335,6 +335,10 @@ class MultiheadAttention(eqx.Module):
         else:
             self._check_mask(mask, bias, q_seq, k.shape[0])
 
+        # What the output and the weights share, so the two cannot disagree.
+        spec = dict(
+            is_causal=is_causal, local_window_size=window, mask_mod=mask_mod, sinks=self.sinks
+        )
         dropout_p, dropout_key = self._dropout_args(key, inference)
         attn = dot_product_attention(
             q,
@@ -342,10 +346,7 @@ class MultiheadAttention(eqx.Module):
             v,
             bias,
             mask,
-            is_causal=is_causal,
-            local_window_size=window,
-            mask_mod=mask_mod,
-            sinks=self.sinks,
+            **spec,
             dropout_p=dropout_p,
             dropout_key=dropout_key,
             implementation=implementation,
@@ -357,10 +358,7 @@ class MultiheadAttention(eqx.Module):
         # separate method would have to recompute, and write to the cache a second time.
         result: tuple = (out,)
         if return_weights:
-            weights = dot_product_attention_weights(
-                q, k, bias, mask, is_causal=is_causal, local_window_size=window,
-                mask_mod=mask_mod, sinks=self.sinks,
-            )  # fmt: skip
+            weights = dot_product_attention_weights(q, k, bias, mask, **spec)
             result += (weights,)
         if cache is not None:
             result += (cache,)

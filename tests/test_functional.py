@@ -520,6 +520,17 @@ def test_residual_carries_no_gradient(impl, rng):
 # Equinox's and jax.nn's strict settings: strict promotion, `jax.debug_infs`.
 
 
+def test_no_silent_downcast_on_accelerators(impl, rng, monkeypatch):
+    """On an accelerator half-precision inputs stay half (on CPU they are upcast for speed);
+    a bfloat16 query must not drag float32 keys and values down to bfloat16 there."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q, k, v = _qkv(rng, 9, 9, 2, 2)
+    out = ea.dot_product_attention(q.astype(jnp.bfloat16), k, v, implementation=impl)
+    assert out.dtype == jnp.float32
+    # Only the query's own rounding to bfloat16 shows, not the keys' and values'.
+    _close(out, _oracle(q.astype(jnp.bfloat16).astype(jnp.float32), k, v), FWD_TOL)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_under_strict_promotion(dtype, impl, rng):
     q, k, v = (x.astype(dtype) for x in _qkv(rng, 9, 9, 2, 2))

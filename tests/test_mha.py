@@ -402,3 +402,19 @@ def test_from_flax_nnx_refuses_what_it_cannot_reproduce():
     )  # fmt: skip
     ours = ea.MultiheadAttention.from_flax_nnx(fine)
     assert ours.query_proj.weight.dtype == jnp.bfloat16 and ours.dropout.p == 0.1
+
+
+def test_no_false_alarm_under_debug_infs(getkey):
+    """Masks, windows and both caches, eagerly under `jax.debug_infs(True)`: the masking
+    uses finite values, so nothing raises FloatingPointError."""
+    mha = ea.MultiheadAttention(2, 8, num_kv_heads=1, key=getkey())
+    x = jax.random.normal(getkey(), (6, 8))
+    with jax.debug_infs(True):
+        mha(x, is_causal=True, local_window_size=(2, 0), mask=jnp.arange(6) < 4)
+        cache = mha.init_cache(8)
+        _, cache = mha(x[:3], cache=cache)
+        mha(x[3:4], cache=cache)
+        ring = mha.init_sliding_window_cache(2)
+        for token in x[:3]:
+            out, ring = mha(token[None], cache=ring, local_window_size=(2, 0))
+    assert np.all(np.isfinite(np.asarray(out)))
