@@ -1,5 +1,6 @@
 """`dot_product_attention` and `dot_product_attention_weights`: per-example pure functions."""
 
+import inspect
 import math
 
 import jax
@@ -148,26 +149,7 @@ def dot_product_attention(
     a row that sees no key has a large negative finite `lse` (about `-2.4e38`), which
     weighs it out of a merge as `-inf` would.
     """
-    spec, q, k, v, bias4 = _prepare(
-        query,
-        key,
-        value,
-        bias=bias,
-        mask=mask,
-        scale=scale,
-        is_causal=is_causal,
-        query_seq_length=query_seq_length,
-        key_value_seq_length=key_value_seq_length,
-        local_window_size=local_window_size,
-        query_segment_ids=query_segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        logit_softcap=logit_softcap,
-        mask_mod=mask_mod,
-        score_mod=score_mod,
-        sinks=sinks,
-        dropout_p=dropout_p,
-        dropout_key=dropout_key,
-    )
+    spec, q, k, v, bias4 = _prepare(query, key, value, **spec_arguments(locals()))
     dtype = _input_dtype(query, key, value)
     impl = choose_implementation(spec, dtype, implementation, query.shape[2], value.shape[2])
     if impl == "cudnn":
@@ -232,26 +214,7 @@ def make_block_plan(
     num_heads = 1 if mask is None or mask.ndim < 3 else mask.shape[0]
     query = jnp.zeros((q_seq, num_heads, 1))
     key = jnp.zeros((kv_seq, 1, 1))
-    spec, *_ = _prepare(
-        query,
-        key,
-        key,
-        bias=None,
-        mask=mask,
-        scale=None,
-        is_causal=is_causal,
-        query_seq_length=query_seq_length,
-        key_value_seq_length=key_value_seq_length,
-        local_window_size=local_window_size,
-        query_segment_ids=query_segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        logit_softcap=None,
-        mask_mod=mask_mod,
-        score_mod=None,
-        sinks=None,
-        dropout_p=0.0,
-        dropout_key=None,
-    )
+    spec, *_ = _prepare(query, key, key, **spec_arguments(locals()))
     return block_plan(spec)
 
 
@@ -284,26 +247,7 @@ def dot_product_attention_weights(
     Float32 array of shape `(num_heads, q_seq, kv_seq)`; each visible row sums to one, or,
     with `sinks`, to one minus the sink's share.
     """
-    spec, q, k, _, bias4 = _prepare(
-        query,
-        key,
-        key,
-        bias=bias,
-        mask=mask,
-        scale=scale,
-        is_causal=is_causal,
-        query_seq_length=query_seq_length,
-        key_value_seq_length=key_value_seq_length,
-        local_window_size=local_window_size,
-        query_segment_ids=query_segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        logit_softcap=logit_softcap,
-        mask_mod=mask_mod,
-        score_mod=score_mod,
-        sinks=sinks,
-        dropout_p=0.0,
-        dropout_key=None,
-    )
+    spec, q, k, _, bias4 = _prepare(query, key, key, **spec_arguments(locals()))
     probs = xla_probs(q, k, spec, bias4)
     return probs.reshape(spec.num_heads, spec.q_seq, spec.kv_seq)
 
@@ -313,21 +257,21 @@ def _prepare(
     key,
     value,
     *,
-    bias,
-    mask,
-    scale,
-    is_causal,
-    query_seq_length,
-    key_value_seq_length,
-    local_window_size,
-    query_segment_ids,
-    kv_segment_ids,
-    logit_softcap,
-    mask_mod,
-    score_mod,
-    sinks,
-    dropout_p,
-    dropout_key,
+    bias=None,
+    mask=None,
+    scale=None,
+    is_causal=False,
+    query_seq_length=None,
+    key_value_seq_length=None,
+    local_window_size=None,
+    query_segment_ids=None,
+    kv_segment_ids=None,
+    logit_softcap=None,
+    mask_mod=None,
+    score_mod=None,
+    sinks=None,
+    dropout_p=0.0,
+    dropout_key=None,
 ):
     """Validate the arguments; build the spec and the kernels' `[K, G, T, D]` layout."""
     q_seq, num_heads, qk_size = query.shape
@@ -385,6 +329,21 @@ def _prepare(
     v = value.astype(dtype).transpose(1, 0, 2)
     bias4 = None if bias is None else _split_heads(bias.astype(jnp.float32), num_kv_heads, group)
     return spec, q, k, v, bias4
+
+
+# The arguments that describe one call's attention beyond q/k/v, named as in `_prepare`:
+# every entry point takes the ones it supports under these names and passes them on with
+# `spec_arguments`, so no entry point spells them out a second time.
+SPEC_ARGUMENTS = tuple(
+    name
+    for name, parameter in inspect.signature(_prepare).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
+def spec_arguments(arguments: dict) -> dict:
+    """The spec's arguments among an entry point's own (its `locals()` on entry)."""
+    return {name: arguments[name] for name in SPEC_ARGUMENTS if name in arguments}
 
 
 def _input_dtype(query, key, value):

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from ._functional import Length, _prepare
+from ._functional import Length, _prepare, spec_arguments
 from ._kernels import BLOCK_K, BLOCK_Q
 from ._kernels._blocks import (
     block_backward,
@@ -157,26 +157,7 @@ def ring_attention(
     block_q, block_k = (BLOCK_Q, BLOCK_K) if block_sizes is None else block_sizes
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_sizes must be positive, got block_sizes={(block_q, block_k)}")
-    spec, q, k, v, _ = _prepare(
-        query,
-        key,
-        value,
-        bias=None,
-        mask=None,
-        scale=scale,
-        is_causal=is_causal,
-        query_seq_length=query_seq_length,
-        key_value_seq_length=key_value_seq_length,
-        local_window_size=local_window_size,
-        query_segment_ids=query_segment_ids,
-        kv_segment_ids=kv_segment_ids,
-        logit_softcap=logit_softcap,
-        mask_mod=mask_mod,
-        score_mod=score_mod,
-        sinks=sinks,
-        dropout_p=dropout_p,
-        dropout_key=dropout_key,
-    )
+    spec, q, k, v, _ = _prepare(query, key, value, **spec_arguments(locals()))
     # The spec describes the whole sequence; segment ids are only ever held in slices, so
     # they are compared block by block here and passed to the spec as a block mask instead.
     spec = dataclasses.replace(

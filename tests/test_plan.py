@@ -17,17 +17,11 @@ from eqx_attention._kernels._plan import EMPTY, FULL, PARTIAL, block_states, mak
 
 BQ, BK = 4, 8
 SMALL_BLOCKS = {"BLOCK_Q": BQ, "BLOCK_K": BK, "FINE_Q": 2, "FINE_K": 4}
-NO_OPTIONS = dict(
-    bias=None, mask=None, scale=None, is_causal=False, query_seq_length=None,
-    key_value_seq_length=None, local_window_size=None, query_segment_ids=None,
-    kv_segment_ids=None, logit_softcap=None, mask_mod=None, score_mod=None, sinks=None,
-    dropout_p=0.0, dropout_key=None,
-)  # fmt: skip
 
 
 def _spec(q_seq, kv_seq, num_heads=2, **options):
     q, k = jnp.zeros((q_seq, num_heads, 4)), jnp.zeros((kv_seq, 1, 4))
-    spec, *_ = _prepare(q, k, k, **{**NO_OPTIONS, **options})
+    spec, *_ = _prepare(q, k, k, **options)
     return spec
 
 

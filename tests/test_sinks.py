@@ -221,12 +221,8 @@ def test_batched_sinks_under_vmap(rng):
 def test_cudnn_refuses_sinks(rng, monkeypatch):
     """The automatic rule never hands sinks to cuDNN, which has no way to take them."""
     q, k, v = (_normal(rng, 8, 2, 8).astype(jnp.bfloat16) for _ in range(3))
-    options = dict(bias=None, mask=None, scale=None, is_causal=False, query_seq_length=None)
-    options |= dict(key_value_seq_length=None, local_window_size=None, query_segment_ids=None)
-    options |= dict(kv_segment_ids=None, logit_softcap=None, mask_mod=None, score_mod=None)
-    options |= dict(dropout_p=0.0, dropout_key=None)
-    sunk, *_ = _prepare(q, k, v, sinks=jnp.zeros(2), **options)
-    plain, *_ = _prepare(q, k, v, sinks=None, **options)
+    sunk, *_ = _prepare(q, k, v, sinks=jnp.zeros(2))
+    plain, *_ = _prepare(q, k, v)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # as if on a GPU
     assert kernels.choose_implementation(plain, q.dtype, None, 8, 8) == "cudnn"
     assert kernels.choose_implementation(sunk, q.dtype, None, 8, 8) == "xla"
