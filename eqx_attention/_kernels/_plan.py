@@ -77,12 +77,13 @@ def classify(visible, block_k: int, real_q=None) -> Int[Array, " num_k"]:
     visible = jnp.broadcast_to(visible, visible.shape[:2] + (block_q, width))
     # Heads of a dense mask may differ: a block is full only if full for every head.
     visible = visible.reshape(-1, block_q, width // block_k, block_k)
-    some, every = visible, visible
+    rows = block_q
     if real_q is not None:
-        real_q = real_q[None, :, None, None]
-        some, every = visible & real_q, visible | ~real_q
-    some, every = jnp.any(some, axis=(0, 1, 3)), jnp.all(every, axis=(0, 1, 3))
-    return jnp.where(every, FULL, jnp.where(some, PARTIAL, EMPTY)).astype(jnp.int32)
+        visible, rows = visible & real_q[None, :, None, None], jnp.sum(real_q)
+    # One counting pass decides both: some pair visible, and every (real) pair visible.
+    count = jnp.sum(visible, axis=(0, 1, 3), dtype=jnp.int32)
+    every = count == visible.shape[0] * rows * block_k
+    return jnp.where(every, FULL, jnp.where(count > 0, PARTIAL, EMPTY)).astype(jnp.int32)
 
 
 def visit_lists(states: Int[Array, "n m"]) -> tuple[Int[Array, "n 2"], Int[Array, "n 2 m"]]:
