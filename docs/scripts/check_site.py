@@ -62,7 +62,7 @@ PAGES = [
             # mkdocstrings rendered the signature, with its shape annotations, readably.
             "[...document.querySelectorAll('.doc-signature')].some(s =>"
             " s.textContent.includes('dot_product_attention(')"
-            " && s.textContent.includes('query: Float[Array, \"q_seq num_heads qk_size\"]'))",
+            " && s.textContent.includes('query: Inexact[Array, \"q_seq num_heads qk_size\"]'))",
             # ...and the docstring's argument list and its `$\mathrm{softmax}(...)$` formula.
             "document.querySelector('.doc-contents').textContent.includes('Arguments:')",
             *MATH,
