@@ -85,15 +85,15 @@ def test_states_match_brute_force(problem):
     pad_q, pad_k = -q_seq % BQ, -kv_seq % BK
     if spec.mask is not None:
         spec = _chunked._replace(spec, mask=_chunked._pad_dense(spec.mask, pad_q, pad_k, False))
-    states = block_states(spec, BQ, BK, q_seq + pad_q, kv_seq + pad_k)
+    states = block_states(spec, BQ, BK)
     np.testing.assert_array_equal(np.asarray(states), expected)
 
 
 def test_lists_are_compact_and_ordered():
     ids = jnp.array([0] * 8 + [1] * 16 + [2] * 8)
     spec = _spec(32, 32, query_segment_ids=ids, kv_segment_ids=ids, is_causal=True)
-    plan = make_plan(spec, BQ, BK, 32, 32)
-    states = np.asarray(block_states(spec, BQ, BK, 32, 32))
+    plan = make_plan(spec, BQ, BK)
+    states = np.asarray(block_states(spec, BQ, BK))
     for i in range(8):
         full, partial = (int(c) for c in plan.kv_count[i])
         assert list(plan.kv_index[i, 0, :full]) == list(np.flatnonzero(states[i] == FULL))

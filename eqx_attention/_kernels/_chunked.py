@@ -56,7 +56,7 @@ def chunked_attention(
     if plan is not None:
         check_plan(plan, (T, S, block_q, block_k))
     elif not spec.only_structural:
-        plan = make_plan(spec, block_q, block_k, T + pad_q, S + pad_k)
+        plan = make_plan(spec, block_q, block_k)
     out, lse = _flash(q, k, v, bias, spec, plan, blocks)
     return out[:, :, :T], lse[:, :, :T]
 
@@ -66,7 +66,7 @@ def block_plan(spec: AttentionSpec, blocks: tuple[int, int, int, int]) -> BlockP
     T, S = spec.q_seq, spec.kv_seq
     block_q, block_k, _, _ = _fit(T, S, *blocks)
     pad_q, pad_k = -T % block_q, -S % block_k
-    return make_plan(_pad_mask(spec, pad_q, pad_k), block_q, block_k, T + pad_q, S + pad_k)
+    return make_plan(_pad_mask(spec, pad_q, pad_k), block_q, block_k)
 
 
 def _fit(T: int, S: int, block_q: int, block_k: int, fine_q: int, fine_k: int):

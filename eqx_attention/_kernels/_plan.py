@@ -41,16 +41,16 @@ class BlockPlan(eqx.Module):
     grid: tuple[int, int, int, int] = eqx.field(static=True)
 
 
-def block_states(
-    spec: AttentionSpec, block_q: int, block_k: int, padded_q: int, padded_k: int
-) -> Int[Array, "num_q num_k"]:
+def block_states(spec: AttentionSpec, block_q: int, block_k: int) -> Int[Array, "num_q num_k"]:
     """`EMPTY`, `PARTIAL` or `FULL` for every block pair, from every mask source at once.
 
-    `spec.mask`, when present, is already padded to `(padded_q, padded_k)`. Padding query rows
+    The grid covers the lengths padded to whole blocks; `spec.mask`, when present, is already
+    padded so. Padding query rows
     are ignored (their output is dropped); padding keys are hidden, so a block holding some is
     at most partial. One query block of the grid is evaluated at a time: memory stays
     O(block_q * kv_seq), never O(q_seq * kv_seq).
     """
+    padded_q, padded_k = _whole_blocks(spec.q_seq, block_q), _whole_blocks(spec.kv_seq, block_k)
     kv_idx = jnp.arange(padded_k)
     real_k = kv_idx < spec.kv_seq
 
@@ -94,10 +94,12 @@ def visit_lists(states: Int[Array, "n m"]) -> tuple[Int[Array, "n 2"], Int[Array
     return jnp.sum(kinds, axis=-1, dtype=jnp.int32), index
 
 
-def make_plan(
-    spec: AttentionSpec, block_q: int, block_k: int, padded_q: int, padded_k: int
-) -> BlockPlan:
-    states = block_states(spec, block_q, block_k, padded_q, padded_k)
+def _whole_blocks(length: int, block: int) -> int:
+    return -(-length // block) * block
+
+
+def make_plan(spec: AttentionSpec, block_q: int, block_k: int) -> BlockPlan:
+    states = block_states(spec, block_q, block_k)
     kv_count, kv_index = visit_lists(states)
     q_count, q_index = visit_lists(states.T)
     grid = (spec.q_seq, spec.kv_seq, block_q, block_k)
