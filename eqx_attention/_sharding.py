@@ -421,8 +421,8 @@ def _skip_or(hidden, compute, operand):
     return jax.lax.cond(hidden, lambda x: x, compute, operand)
 
 
-def _tile_lists(spec: AttentionSpec, q_idx, q_seg, kv_idx, kv_seg, kv_valid):
-    """Visiting lists of the (local query tile, visiting key tile) pairs, or `None` when
+def _tile_states(spec: AttentionSpec, q_idx, q_seg, kv_idx, kv_seg, kv_valid):
+    """The state of every (local query tile, visiting key tile) pair, or `None` when
     causal/window structure alone decides what is hidden.
 
     Lengths, segment ids and `mask_mod` depend on data: the pairs they hide are skipped
@@ -436,15 +436,14 @@ def _tile_lists(spec: AttentionSpec, q_idx, q_seg, kv_idx, kv_seg, kv_valid):
     def row(qi, qs):
         return classify(spec.visible(qi, flat[0], _tile_mask(qs, *flat[1:])), kv_idx.shape[1])
 
-    states = jax.vmap(row)(q_idx, q_seg)
-    return visit_lists(states), visit_lists(states.T)
+    return jax.vmap(row)(q_idx, q_seg)
 
 
 def _fold(carry, q_tiles, q_idx, q_seg, k, v, kv_idx, kv_seg, spec, tq: _Tiles, tk: _Tiles):
     """Fold one visiting key/value slice into the running softmax of every query tile."""
 
     kv_valid = tk.valid_tiles()
-    lists = _tile_lists(spec, q_idx, q_seg, kv_idx, kv_seg, kv_valid)
+    states = _tile_states(spec, q_idx, q_seg, kv_idx, kv_seg, kv_valid)
 
     def one_query_tile(args):
         carry, q_blk, qi, qs, tiles = args
@@ -465,7 +464,7 @@ def _fold(carry, q_tiles, q_idx, q_seg, k, v, kv_idx, kv_seg, spec, tq: _Tiles, 
 
         return jax.lax.fori_loop(0, tk.num_tiles, step, carry)
 
-    tiles = None if lists is None else lists[0]
+    tiles = None if states is None else visit_lists(states)
     return jax.lax.map(one_query_tile, (carry, q_tiles, q_idx, q_seg, tiles))
 
 
@@ -528,7 +527,7 @@ def _ring_bwd(config: _Config, residuals, d_out):
         """dq contributions from a visiting slice, and that slice's dk, dv from our queries."""
         kv_idx = tk.indices((me - s) % n, n)
 
-        lists = _tile_lists(spec, q_idx, q_seg, kv_idx, kv[2], tk.valid_tiles())
+        states = _tile_states(spec, q_idx, q_seg, kv_idx, kv[2], tk.valid_tiles())
 
         def one_kv_tile(acc, xs):
             k_blk, v_blk, kvi, kvs, valid, tiles = xs
@@ -564,7 +563,8 @@ def _ring_bwd(config: _Config, residuals, d_out):
             dq, dmod, dk, dv = carry
             return (dq, dmod), (dk, dv)
 
-        tiles = None if lists is None else lists[1]
+        # The transpose: for each visiting key tile, the local query tiles to visit.
+        tiles = None if states is None else visit_lists(states.T)
         xs = (*kv[:2], kv_idx, kv[2], tk.valid_tiles(), tiles)
         return jax.lax.scan(one_kv_tile, (dq, dmod), xs)
 
