@@ -6,10 +6,10 @@ import jax.extend
 
 
 def vary(tree, axes):
-    """Mark fresh accumulators as varying over the same mesh axes as the inputs.
+    """Cast the arrays of `tree` to vary over `axes` (those they do not vary over yet).
 
-    `shard_map` type-checks loop carries; zeros created inside it are device-invariant
-    until cast.
+    `shard_map` type-checks loop carries and the operands of each primitive: fresh zeros
+    and captured constants are device-invariant until cast to match the inputs.
     """
 
     def cast(x):
