@@ -52,6 +52,8 @@ def dot_product_attention(
     local_window_size: int | tuple[int, int] | None = None,
     query_segment_ids: Int[Array, " q_seq"] | None = None,
     kv_segment_ids: Int[Array, " kv_seq"] | None = None,
+    query_offset: Length | None = None,
+    key_positions: Int[Array, " kv_seq"] | None = None,
     logit_softcap: float | int | None = None,
     mask_mod: MaskMod | None = None,
     score_mod: ScoreMod | None = None,
@@ -89,6 +91,12 @@ def dot_product_attention(
       `[p - left, p + right]`.
     - `query_segment_ids`, `kv_segment_ids`: int arrays `(q_seq,)` and `(kv_seq,)`; a query
       only attends to keys of the same segment (packed documents). Give both or neither.
+    - `query_offset`: the position of the first query (an int or an int scalar array, so it
+      may differ per example under `vmap`); query row `i` sits at `query_offset + i`.
+      Defaults to `kv_seq - q_seq` (bottom-right alignment, see below).
+    - `key_positions`: int `(kv_seq,)`, the position of each key; a negative position marks
+      an empty slot, which no query sees (a ring buffer's keys, say). Defaults to
+      `0..kv_seq - 1`.
     - `logit_softcap`: `cap * tanh(logits / cap)` on the scaled (and score-modded) logits, as
       in Gemma 2; `bias` is added after the cap, so an additive mask keeps hiding its keys.
     - `mask_mod`: FlexAttention-style `mask_mod(q_pos, kv_pos) -> bool`, elementwise (it is
@@ -130,10 +138,15 @@ def dot_product_attention(
       `l_i`, `sum_i exp(l_i - l) o_i` with `l = logsumexp_i(l_i)`. With `sinks` the sink's
       term is part of each row's log-sum-exp (so give the sinks to one part only).
 
-    Positions are **bottom-right aligned**: query row `i` sits at key position
-    `kv_seq - q_seq + i`. With `q_seq == kv_seq` this is ordinary self-attention; with fewer
-    queries than keys (cached decoding, chunked prefill) the queries are the *last*
-    positions. (`jax.nn.dot_product_attention` aligns causal masks top-left instead.)
+    **Positions.** Causality, windows and the mods see every query and key at a position:
+    keys at `0..kv_seq - 1` and queries **bottom-right aligned**, query row `i` at
+    `kv_seq - q_seq + i`, unless `query_offset` and `key_positions` say otherwise. With
+    `q_seq == kv_seq` this is ordinary self-attention; with fewer queries than keys (chunked
+    prefill) the queries are the *last* positions. (`jax.nn.dot_product_attention` aligns
+    causal masks top-left instead.) A KV cache is `query_offset` = the tokens already
+    cached and `key_value_seq_length` = the slots filled after the write: the blocks past
+    the filled length and the ones causality hides are skipped like any other. Lengths and
+    dense masks refer to key indices (slots), not positions.
 
     Query, key and value are promoted together to one dtype (a bfloat16 query with float32
     keys and values computes in float32), explicitly, so the function also runs under
@@ -179,6 +192,8 @@ def make_block_plan(
     local_window_size: int | tuple[int, int] | None = None,
     query_segment_ids: Int[Array, " q_seq"] | None = None,
     kv_segment_ids: Int[Array, " kv_seq"] | None = None,
+    query_offset: Length | None = None,
+    key_positions: Int[Array, " kv_seq"] | None = None,
     mask_mod: MaskMod | None = None,
 ) -> BlockPlan:
     """Which blocks [`eqx_attention.dot_product_attention`][] visits, built once for reuse.
@@ -205,7 +220,8 @@ def make_block_plan(
 
     - `q_seq`, `kv_seq`: the query and key lengths of the calls it is for.
     - `mask`, `is_causal`, `query_seq_length`, `key_value_seq_length`, `local_window_size`,
-      `query_segment_ids`, `kv_segment_ids`, `mask_mod`: as in `dot_product_attention`.
+      `query_segment_ids`, `kv_segment_ids`, `query_offset`, `key_positions`, `mask_mod`: as
+      in `dot_product_attention`.
 
     **Returns:**
 
@@ -231,6 +247,8 @@ def dot_product_attention_weights(
     local_window_size: int | tuple[int, int] | None = None,
     query_segment_ids: Int[Array, " q_seq"] | None = None,
     kv_segment_ids: Int[Array, " kv_seq"] | None = None,
+    query_offset: Length | None = None,
+    key_positions: Int[Array, " kv_seq"] | None = None,
     logit_softcap: float | int | None = None,
     mask_mod: MaskMod | None = None,
     score_mod: ScoreMod | None = None,
@@ -266,6 +284,8 @@ def _prepare(
     local_window_size=None,
     query_segment_ids=None,
     kv_segment_ids=None,
+    query_offset=None,
+    key_positions=None,
     logit_softcap=None,
     mask_mod=None,
     score_mod=None,
@@ -322,6 +342,8 @@ def _prepare(
         kv_segment_ids=kv_segment_ids,
         dropout_seed=None if dropout_rate is None else _seed(dropout_key),
         sinks=None if sinks is None else sinks.astype(jnp.float32).reshape(num_kv_heads, group),
+        query_offset=_length(query_offset),
+        key_positions=None if key_positions is None else key_positions.astype(jnp.int32),
     )
     dtype = _compute_dtype(_input_dtype(query, key, value))
     q = query.astype(dtype).reshape(q_seq, num_kv_heads, group, qk_size).transpose(1, 2, 0, 3)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Int, Shaped
 
-from ._spec import MaskMod
+from ._spec import MaskMod, query_positions
 
 
 def make_causal_mask(q_len: int, kv_len: int | None = None) -> Bool[Array, "q_len kv_len"]:
@@ -24,8 +24,7 @@ def make_causal_mask(q_len: int, kv_len: int | None = None) -> Bool[Array, "q_le
     Boolean array of shape `(q_len, kv_len)`.
     """
     kv_len = q_len if kv_len is None else kv_len
-    q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
-    return jnp.arange(kv_len)[None, :] <= q_pos
+    return jnp.arange(kv_len)[None, :] <= query_positions(q_len, kv_len)[:, None]
 
 
 def make_attention_mask(

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Inexact, Int, PRNGKeyArray
 
-from ._cache import Cache, KVCache, SlidingWindowKVCache, cache_mask
+from ._cache import Cache, KVCache, SlidingWindowKVCache
 from ._convert import from_equinox, from_flax_nnx
 from ._functional import (
     BiasArray,
@@ -19,7 +19,7 @@ from ._functional import (
 )
 from ._kernels import BlockPlan, Implementation
 from ._positional import RotaryPositionalEmbedding
-from ._spec import MaskMod, Window
+from ._spec import MaskMod, Window, query_positions
 
 ProcessHeads = Callable[
     [
@@ -281,11 +281,11 @@ class MultiheadAttention(eqx.Module):
           from the output, which is unchanged; dropout is not applied to them).
         - `mask_mod`: as in [`eqx_attention.dot_product_attention`][] (e.g.
           [`eqx_attention.document_mask_mod`][] for packed documents); its blocks are skipped.
+          With a cache it sees the tokens' absolute positions.
         - `block_plan`: a [`eqx_attention.BlockPlan`][] from
           [`eqx_attention.make_block_plan`][] with the same `mask`, `is_causal`,
           `local_window_size` and `mask_mod`, shared by the layers of a model instead of
-          being rebuilt in each. `mask_mod` and `block_plan` refer to positions without a
-          cache (with one, keys sit in buffer slots), so they cannot be combined with it.
+          being rebuilt in each. Not with a cache, whose blocks change with every write.
 
         Complex inputs are refused with a `ValueError`.
 
@@ -304,10 +304,10 @@ class MultiheadAttention(eqx.Module):
             )
         if cache is not None and (key_ is not None or value is not None):
             raise ValueError("with a cache, key_ and value must be None (self-attention)")
-        if cache is not None and (mask_mod is not None or block_plan is not None):
+        if cache is not None and block_plan is not None:
             raise ValueError(
-                "mask_mod and block_plan are not supported with a cache: they refer to "
-                "positions in the keys given, and a cache's keys sit in buffer slots"
+                "block_plan is not supported with a cache: the blocks to visit change with "
+                "every write, and are found in each call"
             )
         key_ = query if key_ is None else key_
         value = key_ if value is None else value
@@ -315,29 +315,28 @@ class MultiheadAttention(eqx.Module):
         q_seq = query.shape[0]
         window = _normalise_window(local_window_size)
         if cache is None:
-            kv_seq = key_.shape[0]
-            # Bottom-right alignment, the rule `is_causal` follows.
-            q_positions = kv_seq - q_seq + jnp.arange(q_seq, dtype=jnp.int32)
-            k_positions = jnp.arange(kv_seq, dtype=jnp.int32)
+            q_positions = query_positions(q_seq, key_.shape[0])
+            k_positions = query_positions(key_.shape[0], key_.shape[0])
         else:
             cache.check_call(mask, bias, window)
             self._check_cache(cache)
-            q_positions = k_positions = cache.length + jnp.arange(q_seq, dtype=jnp.int32)
+            # The new tokens continue the cached ones.
+            q_positions = k_positions = query_positions(q_seq, q_seq, cache.length)
         q, k, v = self._heads(query, key_, value, q_positions, k_positions, process_heads)
+        placement = {}
         if cache is not None:
-            k, v, slot_positions, cache = cache.update(k, v)
-            # Causality and the window are expressed on absolute positions, since the
-            # core's bottom-right alignment refers to the buffer, not to what it holds.
-            positional = cache_mask(q_positions, slot_positions, window)
-            self._check_mask(mask, bias, q_seq, k.shape[0])
-            mask = positional if mask is None else mask & positional
-            is_causal, window = False, None
-        else:
-            self._check_mask(mask, bias, q_seq, k.shape[0])
+            # Causal attention over absolute positions: the queries follow the cached tokens.
+            k, v, placement, cache = cache.update(k, v)
+            is_causal = True
+        self._check_mask(mask, bias, q_seq, k.shape[0])
 
         # What the output and the weights share, so the two cannot disagree.
         spec = dict(
-            is_causal=is_causal, local_window_size=window, mask_mod=mask_mod, sinks=self.sinks
+            is_causal=is_causal,
+            local_window_size=window,
+            mask_mod=mask_mod,
+            sinks=self.sinks,
+            **placement,
         )
         dropout_p, dropout_key = self._dropout_args(key, inference)
         attn = dot_product_attention(
@@ -484,19 +483,27 @@ class MultiheadAttention(eqx.Module):
 
     def _check_cache(self, cache: Cache):
         """A cache made for another layout (by a module with other heads) would be written
-        into and read from silently wrong."""
+        into and read from silently wrong, and an integer one would truncate the keys."""
         want = {
             "keys": (self.num_kv_heads, self.qk_size),
             "values": (self.num_kv_heads, self.vo_size),
         }
         for name, (heads, size) in want.items():
-            got = getattr(cache, name).shape[1:]
+            buffer = getattr(cache, name)
+            got = (buffer.shape[0], buffer.shape[2])
             if got != (heads, size):
                 raise ValueError(
                     f"the cache's {name} have (num_kv_heads, size)={got}, but this module's "
                     f"are (num_kv_heads, size)={(heads, size)}: make the cache with this "
                     "module's init_cache"
                 )
+        dtypes = (cache.keys.dtype, cache.values.dtype)
+        if dtypes[0] != dtypes[1] or not jnp.issubdtype(dtypes[0], jnp.floating):
+            raise ValueError(
+                "the cache's keys and values must share one floating dtype, got "
+                f"keys.dtype={dtypes[0]} and values.dtype={dtypes[1]} (this module's "
+                f"parameters are {self._cache_dtype(None)}): make the cache with init_cache"
+            )
 
     def _check_mask(self, mask: Array | None, bias: Array | None, q_seq: int, kv_seq: int):
         full = (self.num_heads, q_seq, kv_seq)

@@ -393,7 +393,7 @@ def _hidden(spec: AttentionSpec, q_idx, kv_idx):
     left, right = spec.reach()
     if left is None and right is None:
         return None
-    q_first, q_last = jnp.min(q_idx) + spec.offset, jnp.max(q_idx) + spec.offset
+    q_first, q_last = spec.q_positions(jnp.min(q_idx)), spec.q_positions(jnp.max(q_idx))
     kv_first, kv_last = jnp.min(kv_idx), jnp.max(kv_idx)
     hidden = jnp.bool_(False)
     if right is not None:

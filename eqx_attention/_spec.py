@@ -21,8 +21,8 @@ from ._vma import eval_jaxpr, vary
 # A (left, right) window: a query at position p may see keys in [p - left, p + right].
 Window = tuple[int, int]
 
-# FlexAttention-style hooks, elementwise: `q_pos` and `kv_pos` are positions on the key axis
-# (a query row i sits at kv_seq - q_seq + i), `head` is the query head index.
+# FlexAttention-style hooks, elementwise: `q_pos` and `kv_pos` are the positions of the
+# position model (see `AttentionSpec`), `head` is the query head index.
 MaskMod = Callable[[Array, Array], Array]
 ScoreMod = Callable[[Array, Array, Array, Array], Array]
 
@@ -89,8 +89,21 @@ def elementwise(fn: Callable, *args: Array) -> Array:
     return jax.vmap(lambda *xs: elementwise(fn, *xs), in_axes=in_axes)(*inner)
 
 
+def query_positions(q_seq: int, kv_seq: int, query_offset=None) -> Int[Array, " q_seq"]:
+    """The positions of `q_seq` queries: `query_offset + i`, or bottom-right aligned with the
+    `kv_seq` keys at `0..kv_seq - 1` (the last query sits at the last key's position)."""
+    offset = kv_seq - q_seq if query_offset is None else query_offset
+    return offset + jnp.arange(q_seq, dtype=jnp.int32)
+
+
 class AttentionSpec(eqx.Module):
     """Everything but q/k/v that decides the attention probabilities of one example.
+
+    The position model, the one place positions are defined: query row `i` sits at position
+    `offset + i` (bottom-right aligned by default, or `query_offset`), key `j` at position
+    `j` (or `key_positions[j]`, where a negative position marks an empty slot). Causality,
+    windows and the mods work on these positions; the lengths and dense masks on indices.
+    A KV cache is then just an offset and a filled length (`kv_length`).
 
     Dense `bias`/`mask` arrays are stored with the heads split as `[num_kv_heads|1,
     group|1, q_seq|1, kv_seq|1]`, matching the kernels' `[K, G, T, D]` query layout.
@@ -118,13 +131,22 @@ class AttentionSpec(eqx.Module):
     dropout_seed: UInt32[Array, "2"] | None
     # Learned sink logits, one per query head as `[K, G]`: a zero-valued key every query sees.
     sinks: Float[Array, "_ G"] | None = None
+    # The position model's data, when the positions are not the default ones.
+    query_offset: Int[Array, ""] | None = None
+    key_positions: Int[Array, " kv_seq"] | None = None
     # Set when a kernel works on one key/value head at a time: which one it is.
     kv_head: Int[Array, ""] | None = None
 
     @property
-    def offset(self) -> int:
-        """Bottom-right alignment: query row i sits at key position `offset + i`."""
-        return self.kv_seq - self.q_seq
+    def offset(self) -> int | Int[Array, ""]:
+        """The position of query row 0: `query_offset`, or bottom-right alignment."""
+        return self.kv_seq - self.q_seq if self.query_offset is None else self.query_offset
+
+    def q_positions(self, q_idx: Int[Array, "*idx"]) -> Int[Array, "*idx"]:
+        return q_idx + self.offset
+
+    def kv_positions(self, kv_idx: Int[Array, "*idx"]) -> Int[Array, "*idx"]:
+        return kv_idx if self.key_positions is None else _take(self.key_positions, kv_idx)
 
     @property
     def group(self) -> int:
@@ -170,9 +192,11 @@ class AttentionSpec(eqx.Module):
 
         `None` means every pair may: kernels then skip the masking work entirely.
         """
-        q_pos = (q_idx + self.offset)[:, None]
-        kv_pos = kv_idx[None, :]
+        q_pos = self.q_positions(q_idx)[:, None]
+        kv_pos = self.kv_positions(kv_idx)[None, :]
         conds = []
+        if self.key_positions is not None:
+            conds.append(kv_pos >= 0)
         if self.is_causal:
             conds.append(kv_pos <= q_pos)
         if self.window is not None:
@@ -181,7 +205,7 @@ class AttentionSpec(eqx.Module):
         if self.q_length is not None:
             conds.append(q_idx[:, None] < self.q_length)
         if self.kv_length is not None:
-            conds.append(kv_pos < self.kv_length)
+            conds.append(kv_idx[None, :] < self.kv_length)
         if self.q_segment_ids is not None and self.kv_segment_ids is not None:
             q_seg = _take(self.q_segment_ids, q_idx)
             kv_seg = _take(self.kv_segment_ids, kv_idx)
@@ -206,8 +230,8 @@ class AttentionSpec(eqx.Module):
         pairs are masked anyway, but a NaN there would still reach the gradient through
         `where`.
         """
-        q_pos = jnp.minimum(q_idx, self.q_seq - 1) + self.offset
-        return q_pos[:, None], jnp.minimum(kv_idx, self.kv_seq - 1)[None, :]
+        q_pos = self.q_positions(jnp.minimum(q_idx, self.q_seq - 1))
+        return q_pos[:, None], self.kv_positions(jnp.minimum(kv_idx, self.kv_seq - 1))[None, :]
 
     def keep(self, q_idx: Int[Array, " bq"], kv_idx: Int[Array, " bk"]) -> Bool[Array, "_ G bq bk"]:
         """Dropout keep-mask: a counter-based hash of (seed, head, query, key).
@@ -227,8 +251,10 @@ class AttentionSpec(eqx.Module):
 
     @property
     def only_structural(self) -> bool:
-        """True when causal/window structure alone decides visibility (no data-dependent mask)."""
+        """True when causal/window structure on the default positions alone decides
+        visibility (no data-dependent mask or position)."""
         data = (self.mask, self.q_length, self.kv_length, self.q_segment_ids, self.mask_mod)
+        data += (self.query_offset, self.key_positions)
         return all(x is None for x in data)
 
     def reach(self) -> tuple[int | None, int | None]:
@@ -273,7 +299,7 @@ class AttentionSpec(eqx.Module):
         return lo, jnp.maximum(lo, hi), inner_lo, jnp.maximum(inner_lo, inner_hi)
 
 
-def _take(ids: Int[Array, " n"], idx: Int[Array, " b"]) -> Int[Array, " b"]:
+def _take(ids: Int[Array, " n"], idx: Int[Array, "*b"]) -> Int[Array, "*b"]:
     # Padded block positions may run past the end; they are masked elsewhere.
     return jnp.take(ids, idx, mode="clip")
 

@@ -89,7 +89,7 @@ def test_sliding_window_cache_equals_full_windowed_pass(getkey, rope):
     # Chunks longer and shorter than the window, and single steps past the window.
     out, cache = _decode(mha, x, cache, [5, 1, 2, 1, 1, 1, 1], window)
     assert jnp.allclose(out, full, **TOL)
-    assert cache.keys.shape == (window, 2, 4)
+    assert cache.keys.shape == (2, window, 4)  # head-major: num_kv_heads, window, qk_size
     assert int(cache.length) == SEQ
     # A linear cache with the same window gives the same result.
     out, _ = _decode(mha, x, mha.init_cache(SEQ), [5] + [1] * 7, window)

@@ -60,7 +60,17 @@ def test_split_covers_the_range_once_with_fine_steps_only_off_the_grid(r):
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN takes precedence on a GPU")
 @pytest.mark.parametrize(
     "q_seq,kv_seq,expected",
-    [(192, 192, "xla"), (1, 192 * 192, "xla"), (192, 193, "chunked"), (4096, 4096, "chunked")],
+    [
+        (192, 192, "xla"),
+        (192, 193, "chunked"),
+        (4096, 4096, "chunked"),
+        # Decoding steps over a long buffer take the blockwise loop, which reads only what
+        # is filled, even where the logits would be few.
+        (1, 2047, "xla"),
+        (1, 2048, "chunked"),
+        (16, 2048, "chunked"),
+        (17, 2048, "xla"),
+    ],
 )
 def test_automatic_choice_materialises_only_small_problems(q_seq, kv_seq, expected):
     spec = AttentionSpec(
@@ -80,3 +90,5 @@ def test_threshold_stated_in_the_guide_is_the_one_used():
     assert len(stated) == 1
     ((rows, cols),) = stated
     assert int(rows) * int(cols) == kernels.XLA_MAX_LOGITS
+    decoding = re.findall(r"at most (\d+)\s+queries over at least (\d+) keys", guide.read_text())
+    assert decoding == [(str(kernels.DECODE_MAX_Q), str(kernels.DECODE_MIN_KV))]

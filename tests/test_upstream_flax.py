@@ -153,7 +153,7 @@ def test_autoregressive_decode_with_x64():
         attn = ea.MultiheadAttention(2, 4, key=jax.random.key(0))
         x = jnp.ones((4, 4))
         cache = attn.init_cache(4)
-        assert cache.keys.shape == (4, 2, 2) and cache.keys.dtype == jnp.float64
+        assert cache.keys.shape == (2, 4, 2) and cache.keys.dtype == jnp.float64
         y1, cache = attn(x[:1], cache=cache)
         y2, cache = attn(x[1:2], cache=cache)
     assert y1.shape == y2.shape == (1, 4)

@@ -5,6 +5,7 @@ from typing import Literal
 from .._spec import AttentionSpec
 from ._chunked import block_plan as _block_plan, chunked_attention as _blockwise
 from ._cudnn import cudnn_attention as cudnn_attention, cudnn_unsupported
+from ._decode import decode_attention
 from ._plan import BlockPlan as BlockPlan
 from ._xla import xla_attention as xla_attention, xla_probs as xla_probs
 
@@ -27,7 +28,18 @@ FINE_K = 256
 XLA_MAX_LOGITS = 192 * 192
 
 
+# Up to this many queries, a call is a decoding step: one loop over the key blocks that may
+# be visible, all heads at once, with 256-key blocks (the fastest read of a cache measured).
+# From DECODE_MIN_KV keys on, it beats the one-shot reference even where that would fit
+# (which reads the whole buffer, filled or not).
+DECODE_MAX_Q = 16
+DECODE_MIN_KV = 2048
+DECODE_BLOCK_K = 256
+
+
 def chunked_attention(q, k, v, spec: AttentionSpec, bias, plan: BlockPlan | None = None):
+    if spec.q_seq <= DECODE_MAX_Q and plan is None:
+        return decode_attention(q, k, v, spec, bias, DECODE_BLOCK_K)
     return _blockwise(q, k, v, spec, bias, plan, (BLOCK_Q, BLOCK_K, FINE_Q, FINE_K))
 
 
@@ -42,7 +54,8 @@ def choose_implementation(
 
     The automatic rule: cuDNN on a GPU whenever it supports the configuration; otherwise the
     materialising `"xla"` reference for small problems (at most `XLA_MAX_LOGITS` logits per
-    head), where one fused softmax beats a loop; otherwise the blockwise `"chunked"` kernel.
+    head), where one fused softmax beats a loop, unless the call is a decoding step over a
+    long buffer; otherwise the blockwise `"chunked"` kernel.
     """
     why_not_cudnn = cudnn_unsupported(spec, dtype, qk_size, vo_size)
     if implementation == "cudnn" and why_not_cudnn is not None:
@@ -51,6 +64,7 @@ def choose_implementation(
         return implementation
     if why_not_cudnn is None:
         return "cudnn"
-    if spec.q_seq * spec.kv_seq <= XLA_MAX_LOGITS:
+    decoding = spec.q_seq <= DECODE_MAX_Q and spec.kv_seq >= DECODE_MIN_KV
+    if spec.q_seq * spec.kv_seq <= XLA_MAX_LOGITS and not decoding:
         return "xla"
     return "chunked"

@@ -25,6 +25,8 @@ def cudnn_unsupported(spec: AttentionSpec, dtype, qk_size: int, vo_size: int) ->
         "mask_mod": spec.mask_mod is not None,
         "score_mod": spec.score_mod is not None,
         "sinks": spec.sinks is not None,
+        "query_offset/key_positions": spec.query_offset is not None
+        or spec.key_positions is not None,
         # jax.nn aligns causal/window masks top-left; ours are bottom-right.
         "is_causal/local_window_size with q_seq != kv_seq": (
             (spec.is_causal or spec.window is not None) and spec.q_seq != spec.kv_seq
