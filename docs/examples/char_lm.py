@@ -384,8 +384,12 @@ def _prefill(model, prompt, caches, key, temperature):
     return _sample(logits[-1], key, caches[0].length, temperature), caches
 
 
-@eqx.filter_jit
-def _cached_step(model, token, caches, key, temperature):
+# The caches are donated, so each step writes its token into them in place instead of
+# copying them. Everything else (the model, the sampling key, and the token, which the caller
+# keeps) rides in the first argument, the one not donated.
+@eqx.filter_jit(donate="all-except-first")
+def _cached_step(kept, caches, temperature):
+    model, key, token = kept
     logits, caches = model(token[None], caches)
     return _sample(logits[0], key, caches[0].length, temperature), caches
 
@@ -417,11 +421,11 @@ def generate_cached(model, prompt: np.ndarray, length: int, key, temperature: fl
     caches = model.init_caches()
     token, caches = _prefill(model, jnp.asarray(prompt), caches, key, temperature)
     out = [token]
-    token, caches = _cached_step(model, token, caches, key, temperature)
+    token, caches = _cached_step((model, key, token), caches, temperature)
     out.append(token)
     start = time.perf_counter()
     for _ in range(length - 2):
-        token, caches = _cached_step(model, token, caches, key, temperature)
+        token, caches = _cached_step((model, key, token), caches, temperature)
         out.append(token)
     tokens = np.array(jax.device_get(out))
     return tokens, (length - 2) / (time.perf_counter() - start)
