@@ -93,22 +93,34 @@ def flax_step_seconds(max_length: int, repeats: int) -> float:
 
 
 def prefill_table(mha, repeats: int):
+    """Writing a 2048-token prompt into empty 8192-slot caches (made beforehand, as a
+    decoding program makes them once, and donated) against causal self-attention."""
     x = jax.random.normal(jax.random.key(2), (BATCH, 2048, FEATURES))
 
-    @eqx.filter_jit
-    def prefill(mha, x):
-        return jax.vmap(lambda x: mha(x, cache=mha.init_cache(8192)))(x)[0]
+    @eqx.filter_jit(donate="all-except-first")
+    def prefill(kept, caches):
+        mha, x = kept
+        return jax.vmap(lambda c, x: mha(x, cache=c))(caches, x)[0]
 
     @eqx.filter_jit
     def causal(mha, x):
         return jax.vmap(lambda x: mha(x, is_causal=True))(x)
 
-    fns = {"prefill": lambda x: prefill(mha, x), "causal": lambda x: causal(mha, x)}
+    def empty():
+        return jax.vmap(lambda _: mha.init_cache(8192))(jnp.arange(BATCH))
+
+    fns = {
+        "prefill": lambda x: prefill((mha, x), empty()),
+        "causal": lambda x: causal(mha, x),
+        "empty caches": lambda x: empty(),
+    }
     seconds = best_times(fns, x, repeats=repeats)
-    ratio = seconds["prefill"] / seconds["causal"]
+    prefill_only = seconds["prefill"] - seconds["empty caches"]
     print(
-        f"\nprefill 2048 tokens into 8192 slots: {seconds['prefill'] * 1e3:.1f} ms; causal "
-        f"self-attention over 2048: {seconds['causal'] * 1e3:.1f} ms; ratio {ratio:.2f}x"
+        f"\nprefill 2048 tokens into 8192 slots: {prefill_only * 1e3:.1f} ms (making the "
+        f"empty caches, {seconds['empty caches'] * 1e3:.1f} ms, not counted); causal "
+        f"self-attention over 2048: {seconds['causal'] * 1e3:.1f} ms; ratio "
+        f"{prefill_only / seconds['causal']:.2f}x"
     )
 
 

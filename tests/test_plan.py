@@ -59,6 +59,8 @@ def _problems(draw):
     if draw(st.booleans()):
         options["key_value_seq_length"] = draw(st.integers(0, kv_seq))
     if draw(st.booleans()):
+        options["query_offset"] = draw(st.integers(-5, kv_seq + 5))
+    if draw(st.booleans()):
         docs = draw(st.lists(st.integers(0, 3), min_size=kv_seq, max_size=kv_seq))
         kv_ids = jnp.asarray(sorted(docs), jnp.int32)
         options["kv_segment_ids"] = kv_ids
@@ -76,7 +78,7 @@ def _problems(draw):
     return q_seq, kv_seq, options
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=_problems())
 def test_states_match_brute_force(problem):
     q_seq, kv_seq, options = problem
@@ -87,6 +89,19 @@ def test_states_match_brute_force(problem):
         spec = _chunked._replace(spec, mask=_chunked._pad_dense(spec.mask, pad_q, pad_k, False))
     states = block_states(spec, BQ, BK)
     np.testing.assert_array_equal(np.asarray(states), expected)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=_problems())
+def test_interval_states_match_pair_by_pair_classification(problem):
+    """Causality, windows, lengths and offsets are classified from block corners; the same
+    spec with an always-true `mask_mod` goes through the pair-by-pair classification."""
+    q_seq, kv_seq, options = problem
+    for name in ("query_segment_ids", "kv_segment_ids", "mask_mod", "mask"):
+        options.pop(name, None)
+    corners = block_states(_spec(q_seq, kv_seq, **options), BQ, BK)
+    pairs = block_states(_spec(q_seq, kv_seq, **options, mask_mod=lambda q, k: q == q), BQ, BK)
+    np.testing.assert_array_equal(np.asarray(corners), np.asarray(pairs))
 
 
 def test_lists_are_compact_and_ordered():

@@ -17,7 +17,8 @@ import functools
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jax.custom_batching import custom_vmap
+from jaxtyping import Array, Float, Int
 
 from .._spec import AttentionSpec, dense_block
 from ._blocks import block_forward, finalize, init_carry, score_mod_params, spec_cotangent
@@ -74,9 +75,34 @@ def _forward(q, k, v, bias, spec: AttentionSpec, block_k: int):
         return block_forward(carry, q, k_blk, v_blk, spec, q_idx, kv_idx, bias_blk, visible)
 
     lo, hi = _key_blocks(spec, block_k)
-    carry = jax.lax.fori_loop(lo, hi, step, init_carry(q, v.shape[-1]))
+    carry = jax.lax.fori_loop(_batch_min(lo), _batch_max(hi), step, init_carry(q, v.shape[-1]))
     out, lse = finalize(carry, spec.sinks)
     return out.astype(v.dtype), lse
+
+
+# Under `jax.vmap` the examples of a batch share one loop over the union of their key blocks:
+# with per-example bounds, the loop index would be batched, every block a gather (a copy) and
+# every carry a select. Blocks outside an example's own range are hidden by its mask anyway.
+@custom_vmap
+def _batch_min(bound: Int[Array, ""]) -> Int[Array, ""]:
+    return bound
+
+
+@_batch_min.def_vmap
+def _batch_min_rule(axis_size, in_batched, bound):
+    del axis_size, in_batched
+    return jnp.min(bound, axis=0), False
+
+
+@custom_vmap
+def _batch_max(bound: Int[Array, ""]) -> Int[Array, ""]:
+    return bound
+
+
+@_batch_max.def_vmap
+def _batch_max_rule(axis_size, in_batched, bound):
+    del axis_size, in_batched
+    return jnp.max(bound, axis=0), False
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -51,6 +51,9 @@ def block_states(spec: AttentionSpec, block_q: int, block_k: int) -> Int[Array, 
     O(block_q * kv_seq), never O(q_seq * kv_seq).
     """
     padded_q, padded_k = _whole_blocks(spec.q_seq, block_q), _whole_blocks(spec.kv_seq, block_k)
+    data = (spec.mask, spec.mask_mod, spec.q_segment_ids, spec.key_positions)
+    if all(x is None for x in data):
+        return _interval_states(spec, padded_q // block_q, padded_k // block_k, block_q, block_k)
     kv_idx = jnp.arange(padded_k)
     real_k = kv_idx < spec.kv_seq
 
@@ -68,6 +71,37 @@ def block_states(spec: AttentionSpec, block_q: int, block_k: int) -> Int[Array, 
         return classify(visible, block_k, real_q)
 
     return jax.lax.map(row, jnp.arange(padded_q // block_q))
+
+
+def _interval_states(spec: AttentionSpec, num_q: int, num_k: int, block_q: int, block_k: int):
+    """Block states from each block's corners, when every query sees an interval of keys
+    (causality, a window, the lengths and a query offset): O(blocks), not O(q_seq * kv_seq).
+
+    A block is some-visible if the union of its real rows' intervals, itself an interval
+    (consecutive rows shift it by one), meets its keys; full if every row's interval holds
+    all of its keys and none of them is padding or past the filled length.
+    """
+    left, right = spec.reach()
+    q0 = jnp.arange(num_q, dtype=jnp.int32)[:, None] * block_q
+    q1 = jnp.minimum(q0 + block_q, spec.q_seq) - 1  # the last real row
+    k0 = jnp.arange(num_k, dtype=jnp.int32)[None, :] * block_k
+    k1 = k0 + block_k - 1  # padding included: keys past kv_seq are hidden
+    q_limit = spec.q_seq if spec.q_length is None else jnp.minimum(spec.q_length, spec.q_seq)
+    kv_limit = spec.kv_seq if spec.kv_length is None else jnp.minimum(spec.kv_length, spec.kv_seq)
+    q_seen = jnp.minimum(q1, q_limit - 1)  # the last row that may see anything
+    k_seen = jnp.minimum(k1, kv_limit - 1)
+    lo, hi = k0, k_seen
+    if left is not None:
+        lo = jnp.maximum(lo, spec.q_positions(q0) - left)
+    if right is not None:
+        hi = jnp.minimum(hi, spec.q_positions(q_seen) + right)
+    some = (q0 <= q_seen) & (lo <= hi)
+    every = (q1 < q_limit) & (k1 < kv_limit)
+    if left is not None:
+        every &= k0 >= spec.q_positions(q1) - left
+    if right is not None:
+        every &= k1 <= spec.q_positions(q0) + right
+    return jnp.where(every, FULL, jnp.where(some, PARTIAL, EMPTY)).astype(jnp.int32)
 
 
 def classify(visible, block_k: int, real_q=None) -> Int[Array, " num_k"]:
