@@ -83,26 +83,23 @@ def _forward(q, k, v, bias, spec: AttentionSpec, block_k: int):
 # Under `jax.vmap` the examples of a batch share one loop over the union of their key blocks:
 # with per-example bounds, the loop index would be batched, every block a gather (a copy) and
 # every carry a select. Blocks outside an example's own range are hidden by its mask anyway.
-@custom_vmap
-def _batch_min(bound: Int[Array, ""]) -> Int[Array, ""]:
-    return bound
+def _shared_by_the_batch(reduce):
+    """The identity on one example; under `vmap`, `reduce` over the batch, unbatched."""
+
+    @custom_vmap
+    def shared(bound: Int[Array, ""]) -> Int[Array, ""]:
+        return bound
+
+    @shared.def_vmap
+    def rule(axis_size, in_batched, bound):
+        del axis_size, in_batched
+        return reduce(bound, axis=0), False
+
+    return shared
 
 
-@_batch_min.def_vmap
-def _batch_min_rule(axis_size, in_batched, bound):
-    del axis_size, in_batched
-    return jnp.min(bound, axis=0), False
-
-
-@custom_vmap
-def _batch_max(bound: Int[Array, ""]) -> Int[Array, ""]:
-    return bound
-
-
-@_batch_max.def_vmap
-def _batch_max_rule(axis_size, in_batched, bound):
-    del axis_size, in_batched
-    return jnp.max(bound, axis=0), False
+_batch_min = _shared_by_the_batch(jnp.min)
+_batch_max = _shared_by_the_batch(jnp.max)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
