@@ -157,6 +157,11 @@ def _block_step(step, width: int, block, needs_mask: bool, carry):
     return step(block * width, width, needs_mask, carry)
 
 
+def _head_block(x: Float[Array, "K S D"], spec: AttentionSpec, start, width: int):
+    """Keys or values `[start, start + width)` of the spec's one key/value head, `[1, width, D]`."""
+    return jax.lax.dynamic_slice(x, (spec.kv_head, start, 0), (1, width, x.shape[2]))
+
+
 def _visible(spec: AttentionSpec, needs_mask: bool, q_idx, kv_idx, mask_blk, may_pad: bool):
     """The block's mask; `None` for a block in which every pair may attend.
 
@@ -182,8 +187,8 @@ def _forward(q, k, v, bias, spec: AttentionSpec, plan: BlockPlan | None, blocks)
 
         def step(kv_start, width, needs_mask, carry):
             kv_idx = kv_start + jnp.arange(width)
-            k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, width, axis=1)
-            v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, width, axis=1)
+            k_blk = _head_block(k, spec, kv_start, width)
+            v_blk = _head_block(v, spec, kv_start, width)
             mask_blk = dense_block(spec.mask, q_start, block_q, kv_start, width)
             bias_blk = dense_block(bias, q_start, block_q, kv_start, width)
             # Blocks that need no mask end at or before kv_seq: only the others can reach padding.
@@ -210,7 +215,10 @@ def _per_kv_head(fn, spec: AttentionSpec, bias, *arrays):
     """`fn(spec, bias, *arrays)` on one key/value head (and its query group) at a time.
 
     A block's logits for a single head stay in cache, whereas all heads at once spill out of
-    it: on CPU this runs markedly faster. Outputs gain a leading `num_kv_heads` axis.
+    it: on CPU this runs markedly faster. Outputs gain a leading `num_kv_heads` axis. The
+    keys and values are not among `arrays`: `fn` reads its head's blocks from them with
+    [`_head_block`][] rather than being handed a copy of the head (which, for a KV cache,
+    would copy every slot, filled or not).
     """
     K = spec.num_kv_heads
 
@@ -238,10 +246,10 @@ def _flash(q, k, v, bias, spec, plan, blocks):
 
 
 def _flash_fwd(q, k, v, bias, spec, plan, blocks):
-    def forward(spec, bias, q, k, v):
+    def forward(spec, bias, q):
         return _forward(q, k, v, bias, spec, plan, blocks)
 
-    out, lse = _per_kv_head(forward, spec, bias, q, k, v)
+    out, lse = _per_kv_head(forward, spec, bias, q)
     out, lse = out[:, 0], lse[:, 0]
     return (out, lse), (q, k, v, bias, spec, plan, out, lse)
 
@@ -253,10 +261,10 @@ def _flash_bwd(blocks, residuals, cotangents):
     d_out = d_out.astype(jnp.float32)
     delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)
 
-    def backward(spec, bias, q, k, v, lse, delta, d_out):
+    def backward(spec, bias, q, lse, delta, d_out):
         return _backward(q, k, v, bias, spec, plan, lse, delta, d_out, blocks)
 
-    dq, dk, dv, dbias, dmod = _per_kv_head(backward, spec, bias, q, k, v, lse, delta, d_out)
+    dq, dk, dv, dbias, dmod = _per_kv_head(backward, spec, bias, q, lse, delta, d_out)
     if dbias is not None:
         # A bias shared by all heads collects every head's gradient.
         dbias = dbias[:, 0] if bias.shape[0] > 1 else jnp.sum(dbias, axis=0)
@@ -283,8 +291,8 @@ def _backward(
         dq, dbias, dmod = acc
         kv_start = j * block_k
         kv_idx = kv_start + jnp.arange(block_k)
-        k_blk = jax.lax.dynamic_slice_in_dim(k, kv_start, block_k, axis=1)
-        v_blk = jax.lax.dynamic_slice_in_dim(v, kv_start, block_k, axis=1)
+        k_blk = _head_block(k, spec, kv_start, block_k)
+        v_blk = _head_block(v, spec, kv_start, block_k)
 
         def step(q_start, width, needs_mask, carry):
             dq, dbias, dmod, dk_blk, dv_blk = carry
@@ -328,8 +336,8 @@ def _backward(
         one_kv_block, (dq0, dbias0, dmod0), jnp.arange(Sp // block_k)
     )
     # [num_k, K, bk, ...] -> [K, num_k * bk, ...]
-    dk = jnp.moveaxis(dk, 0, 1).reshape(k.shape)
-    dv = jnp.moveaxis(dv, 0, 1).reshape(v.shape)
+    dk = jnp.moveaxis(dk, 0, 1).reshape((1,) + k.shape[1:])
+    dv = jnp.moveaxis(dv, 0, 1).reshape((1,) + v.shape[1:])
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, dmod
 
 
