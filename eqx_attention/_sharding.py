@@ -38,7 +38,7 @@ from ._kernels._blocks import (
 )
 from ._kernels._plan import classify, run_plan, visit_lists
 from ._mha import MultiheadAttention
-from ._spec import AttentionSpec, MaskMod, ScoreMod
+from ._spec import AttentionSpec, MaskMod, ScoreMod, replace
 from ._vma import vary, varying_axes, vma
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -160,7 +160,7 @@ def ring_attention(
     spec, q, k, v, _ = _prepare(query, key, value, **spec_arguments(locals()))
     # The spec describes the whole sequence; segment ids are only ever held in slices, so
     # they are compared block by block here and passed to the spec as a block mask instead.
-    spec = dataclasses.replace(
+    spec = replace(
         spec,
         q_seq=num_devices * spec.q_seq,
         kv_seq=num_devices * spec.kv_seq,

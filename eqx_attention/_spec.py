@@ -14,6 +14,7 @@ import equinox as eqx
 import jax
 import jax.extend
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from ._vma import eval_jaxpr, vary
@@ -297,6 +298,19 @@ class AttentionSpec(eqx.Module):
         inner_lo = lo if right is None else jnp.clip(last - right - self.offset, 0, self.q_seq)
         inner_hi = hi if left is None else jnp.clip(first + left + 1 - self.offset, 0, self.q_seq)
         return lo, jnp.maximum(lo, hi), inner_lo, jnp.maximum(inner_lo, inner_hi)
+
+
+def replace(spec: AttentionSpec, **changes) -> AttentionSpec:
+    """`spec` with some fields changed (`dataclasses.replace`, which `eqx.tree_at` is not:
+    it cannot replace a `None` leaf).
+
+    Leaves that JAX turned into NumPy literals (a constant length saved by a custom VJP for
+    its backward pass, under `jit`) become arrays again, as the fields' types want.
+    """
+    fields = {f: getattr(spec, f) for f in spec.__dataclass_fields__}
+    fields = {**fields, **changes}
+    fields = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, fields)
+    return type(spec)(**fields)
 
 
 def _take(ids: Int[Array, " n"], idx: Int[Array, "*b"]) -> Int[Array, "*b"]:

@@ -959,3 +959,35 @@ def test_property_vmap_equals_loop(impl, data):
     single = jax.jit(one)
     for b in range(batch):
         _close(batched[b], single(q[b], k[b], v[b], q_lens[b], kv_lens[b]), FWD_TOL)
+
+
+@pytest.mark.parametrize("q_seq", [300, 4])  # the block grid, and the decode loop
+def test_python_int_lengths_under_jit_vmap_and_grad(q_seq):
+    """Constant lengths reach the backward pass as NumPy literals under an inner `jit`; the
+    kernels rebuild their spec from them without a type error."""
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (2, q_seq, 2, 8))
+    k, v = jax.random.normal(kk, (2, 300, 2, 8)), jax.random.normal(kv, (2, 300, 2, 8))
+
+    attend = jax.jit(
+        jax.vmap(
+            lambda q: ea.dot_product_attention(
+                q,
+                k[0],
+                v[0],
+                key_value_seq_length=250,
+                query_seq_length=3,
+                query_offset=40,
+                is_causal=True,
+                implementation="chunked",
+            )  # fmt: skip
+        )
+    )
+
+    def loss(q):
+        return jnp.sum(attend(q) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(q)
+    expected = jax.grad(loss)(q)
+    assert grads.shape == q.shape and jnp.allclose(grads, expected, atol=1e-5)
+    assert jnp.abs(grads).max() > 0.1

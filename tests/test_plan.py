@@ -14,6 +14,7 @@ from eqx_attention import _kernels as kernels
 from eqx_attention._functional import _prepare
 from eqx_attention._kernels import _chunked
 from eqx_attention._kernels._plan import EMPTY, FULL, PARTIAL, block_states, make_plan
+from eqx_attention._spec import replace
 
 BQ, BK = 4, 8
 SMALL_BLOCKS = {"BLOCK_Q": BQ, "BLOCK_K": BK, "FINE_Q": 2, "FINE_K": 4}
@@ -86,7 +87,7 @@ def test_states_match_brute_force(problem):
     expected = _expected_states(_dense_visible(spec))
     pad_q, pad_k = -q_seq % BQ, -kv_seq % BK
     if spec.mask is not None:
-        spec = _chunked._replace(spec, mask=_chunked._pad_dense(spec.mask, pad_q, pad_k, False))
+        spec = replace(spec, mask=_chunked._pad_dense(spec.mask, pad_q, pad_k, False))
     states = block_states(spec, BQ, BK)
     np.testing.assert_array_equal(np.asarray(states), expected)
 

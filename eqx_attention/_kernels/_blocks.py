@@ -1,14 +1,12 @@
 """The online-softmax block step shared by the chunked kernel and ring attention."""
 
-import dataclasses
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from .._spec import AttentionSpec
+from .._spec import AttentionSpec, replace
 
 # The logit of a hidden pair, and the log-sum-exp of a row that sees no key. Finite, unlike
 # -inf, so that `jax.debug_infs(True)` raises no false alarm (jax issue 37422); as jax.nn,
@@ -90,7 +88,7 @@ def block_backward(
 
     def scores(logits, b, params):
         score_mod = None if spec.score_mod is None else eqx.combine(params, static)
-        return dataclasses.replace(spec, score_mod=score_mod).scores(logits, q_idx, kv_idx, b)
+        return replace(spec, score_mod=score_mod).scores(logits, q_idx, kv_idx, b)
 
     s, scores_vjp = jax.vjp(scores, raw_logits(q, k), bias, params)
     lse = lse[..., None]
@@ -168,4 +166,4 @@ def spec_cotangent(spec: AttentionSpec, dsinks, dmod) -> AttentionSpec:
     params, _ = score_mod_params(spec)
     dmod = None if dmod is None else jax.tree.map(lambda g, x: g.astype(x.dtype), dmod, params)
     empty = jax.tree.map(lambda _: None, spec)
-    return dataclasses.replace(empty, sinks=dsinks, score_mod=dmod)
+    return replace(empty, sinks=dsinks, score_mod=dmod)

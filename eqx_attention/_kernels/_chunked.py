@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._spec import AttentionSpec, dense_block
+from .._spec import AttentionSpec, dense_block, replace
 from ._blocks import (
     block_backward,
     block_forward,
@@ -81,7 +81,7 @@ def _fit(T: int, S: int, block_q: int, block_k: int, fine_q: int, fine_k: int):
 def _pad_mask(spec: AttentionSpec, pad_q: int, pad_k: int) -> AttentionSpec:
     if spec.mask is None:
         return spec
-    return _replace(spec, mask=_pad_dense(spec.mask, pad_q, pad_k, False))
+    return replace(spec, mask=_pad_dense(spec.mask, pad_q, pad_k, False))
 
 
 def _pad_axis(x, axis, pad):
@@ -100,12 +100,6 @@ def _pad_dense(x, pad_q, pad_k, value):
         (0, pad_k if x.shape[3] > 1 else 0),
     ]
     return jnp.pad(x, widths, constant_values=value)
-
-
-def _replace(spec: AttentionSpec, **changes) -> AttentionSpec:
-    # eqx.tree_at cannot replace a None leaf, so rebuild through the dataclass.
-    fields = {f: getattr(spec, f) for f in spec.__dataclass_fields__}
-    return type(spec)(**{**fields, **changes})
 
 
 def _split(lo, hi, inner_lo, inner_hi, coarse: int, fine: int):
@@ -233,7 +227,7 @@ def _per_kv_head(fn, spec: AttentionSpec, bias, *arrays):
         mask_h = mask_shared if mask_h is None else mask_h[None]
         bias_h = bias_shared if bias_h is None else bias_h[None]
         sinks_h = None if sinks_h is None else sinks_h[None]
-        spec_h = _replace(spec, mask=mask_h, sinks=sinks_h, kv_head=head)
+        spec_h = replace(spec, mask=mask_h, sinks=sinks_h, kv_head=head)
         return fn(spec_h, bias_h, *(a[None] for a in arrays_h))
 
     xs = (jnp.arange(K), mask_per_head, bias_per_head, spec.sinks, arrays)

@@ -11,7 +11,6 @@ The backward pass (rare when decoding) recomputes through the materialising refe
 whose logits are small here: `q_seq` rows.
 """
 
-import dataclasses
 import functools
 
 import equinox as eqx
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Float, Int
 
-from .._spec import AttentionSpec, dense_block
+from .._spec import AttentionSpec, dense_block, replace
 from ._blocks import block_forward, finalize, init_carry, score_mod_params, spec_cotangent
 from ._xla import xla_attention
 
@@ -118,7 +117,7 @@ def _decode_bwd(block_k, residuals, cotangents):
 
     def reference(q, k, v, bias, sinks, params):
         score_mod = None if spec.score_mod is None else eqx.combine(params, static)
-        spec_ = dataclasses.replace(spec, sinks=sinks, score_mod=score_mod)
+        spec_ = replace(spec, sinks=sinks, score_mod=score_mod)
         return xla_attention(q, k, v, spec_, bias)
 
     _, vjp = jax.vjp(reference, q, k, v, bias, spec.sinks, params)
