@@ -1,10 +1,12 @@
 """The block plan: which (query block, key block) pairs the blockwise kernel visits.
 
 Causal and window structure alone decide their block ranges from loop indices
-(`AttentionSpec.kv_ranges`). Every other source of masking depends on data: lengths, segment
-ids, `mask_mod`, a dense mask. For those the plan is built per example, on device, from the
-spec itself: every (query, key) pair of the padded grid is classified once, and each block
-pair becomes *empty* (skipped), *full* (attended with no mask at all) or *partial* (masked).
+(`AttentionSpec.kv_ranges`). Every other source of masking depends on data: lengths, offsets,
+segment ids, key positions, `mask_mod`, a dense mask. For those the plan is built per example,
+on device, from the spec itself, and each block pair becomes *empty* (skipped), *full*
+(attended with no mask at all) or *partial* (masked). Intervals (causality, windows, lengths,
+offsets) and segment ids are classified from per-block summaries, in O(blocks + seq); a
+`mask_mod`, a dense mask or key positions from every (query, key) pair of the padded grid.
 
 The kernels then loop over compact lists of block indices, so under `jax.vmap` a hidden
 block is still skipped rather than computed and discarded: the loop runs as long as the
@@ -42,18 +44,22 @@ class BlockPlan(eqx.Module):
 
 
 def block_states(spec: AttentionSpec, block_q: int, block_k: int) -> Int[Array, "num_q num_k"]:
-    """`EMPTY`, `PARTIAL` or `FULL` for every block pair, from every mask source at once.
+    """`EMPTY`, `PARTIAL` or `FULL` for every block pair, from every mask source.
 
     The grid covers the lengths padded to whole blocks; `spec.mask`, when present, is already
-    padded so. Padding query rows
-    are ignored (their output is dropped); padding keys are hidden, so a block holding some is
-    at most partial. One query block of the grid is evaluated at a time: memory stays
-    O(block_q * kv_seq), never O(q_seq * kv_seq).
+    padded so. Padding query rows are ignored (their output is dropped); padding keys are
+    hidden, so a block holding some is at most partial. Pairs are classified one query block
+    at a time: memory stays O(block_q * kv_seq), never O(q_seq * kv_seq).
     """
     padded_q, padded_k = _whole_blocks(spec.q_seq, block_q), _whole_blocks(spec.kv_seq, block_k)
-    data = (spec.mask, spec.mask_mod, spec.q_segment_ids, spec.key_positions)
-    if all(x is None for x in data):
-        return _interval_states(spec, padded_q // block_q, padded_k // block_k, block_q, block_k)
+    grid = (padded_q // block_q, padded_k // block_k, block_q, block_k)
+    if all(x is None for x in (spec.mask, spec.mask_mod, spec.key_positions)):
+        states = _interval_states(spec, *grid)
+        if spec.q_segment_ids is not None:
+            # A pair is visible if both sources let it be: empty if either hides it all,
+            # full if neither hides any of it.
+            states = jnp.minimum(states, _segment_states(spec, *grid))
+        return states
     kv_idx = jnp.arange(padded_k)
     real_k = kv_idx < spec.kv_seq
 
@@ -101,6 +107,28 @@ def _interval_states(spec: AttentionSpec, num_q: int, num_k: int, block_q: int, 
         every &= k0 >= spec.q_positions(q1) - left
     if right is not None:
         every &= k1 <= spec.q_positions(q0) + right
+    return jnp.where(every, FULL, jnp.where(some, PARTIAL, EMPTY)).astype(jnp.int32)
+
+
+def _segment_states(spec: AttentionSpec, num_q: int, num_k: int, block_q: int, block_k: int):
+    """Block states of the segment ids from each block's smallest and largest id.
+
+    Exact for packed documents (ids that never decrease): a block pair whose id ranges do
+    not meet is empty, one whose blocks hold a single, equal id is full, and any other shares
+    an id. For ids in no order, a pair whose ranges meet without sharing an id is called
+    partial: visited and masked, never wrong. O(q_seq + kv_seq), not O(q_seq * kv_seq).
+    """
+
+    def ranges(ids, num, block):
+        # Padding takes the last real id, which its block holds anyway.
+        ids = jnp.pad(ids, (0, num * block - ids.shape[0]), mode="edge").reshape(num, block)
+        return jnp.min(ids, axis=1), jnp.max(ids, axis=1)
+
+    q_lo, q_hi = ranges(spec.q_segment_ids, num_q, block_q)
+    k_lo, k_hi = ranges(spec.kv_segment_ids, num_k, block_k)
+    q_lo, q_hi, k_lo, k_hi = q_lo[:, None], q_hi[:, None], k_lo[None, :], k_hi[None, :]
+    some = (q_lo <= k_hi) & (k_lo <= q_hi)
+    every = (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
     return jnp.where(every, FULL, jnp.where(some, PARTIAL, EMPTY)).astype(jnp.int32)
 
 
