@@ -23,7 +23,7 @@ from ._blocks import (
     spec_cotangent,
     zeros_like_params,
 )
-from ._plan import BlockPlan, check_plan, make_plan, run_plan
+from ._plan import BlockPlan, check_plan, make_plan, run_plan, run_plan_shared
 
 
 def chunked_attention(
@@ -294,7 +294,7 @@ def _backward(
         k_blk = _head_block(k, spec, kv_start, width_k)
         v_blk = _head_block(v, spec, kv_start, width_k)
 
-        def step(q_start, width, needs_mask, carry):
+        def step(q_start, width, needs_mask, carry, valid=None):
             dq, dbias, dmod, dk_blk, dv_blk = carry
             q_idx = q_start + jnp.arange(width)
             rows = [
@@ -307,9 +307,13 @@ def _backward(
             # but for a plan's full ones, which hold none.
             may_pad = padded and (needs_mask or plan is None)
             visible = _visible(spec, needs_mask, q_idx, kv_idx, mask_blk, may_pad)
-            dq_blk, dk_step, dv_step, dbias_blk, dmod_blk = block_backward(
+            grads = block_backward(
                 rows[0], k_blk, v_blk, *rows[1:], spec, q_idx, kv_idx, bias_blk, visible
             )
+            if valid is not None:
+                # Not one of this example's blocks (the batch shares the plan's loop).
+                grads = jax.tree.map(lambda g: jnp.where(valid, g, 0), grads)
+            dq_blk, dk_step, dv_step, dbias_blk, dmod_blk = grads
             dq = _add_slice(dq, dq_blk, q_start, axis=2)
             if dbias is not None:
                 dbias = _add_dense_block(dbias, dbias_blk, q_start, kv_start)
@@ -323,8 +327,12 @@ def _backward(
             ranges = spec.q_ranges(kv_start, width_k)
             carry = _run_blocks(ranges, block_q, fine_q, step, carry)
         else:
-            blocks = functools.partial(_block_step, step, block_q)
-            carry = run_plan(plan.q_count[j // ratio], plan.q_index[j // ratio], blocks, carry)
+
+            def visit(block, needs_mask, valid, carry):
+                return step(block * block_q, block_q, needs_mask, carry, valid)
+
+            count, index = plan.q_count[j // ratio], plan.q_index[j // ratio]
+            carry = run_plan_shared(count, index, visit, carry)
         dq, dbias, dmod, dk_blk, dv_blk = carry
         return (dq, dbias, dmod), (dk_blk, dv_blk)
 

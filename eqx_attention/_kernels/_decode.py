@@ -16,11 +16,11 @@ import functools
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.custom_batching import custom_vmap
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
 from .._spec import AttentionSpec, dense_block, replace
 from ._blocks import block_forward, finalize, init_carry, score_mod_params, spec_cotangent
+from ._plan import batch_max, batch_min
 from ._xla import xla_attention
 
 
@@ -74,31 +74,11 @@ def _forward(q, k, v, bias, spec: AttentionSpec, block_k: int):
         return block_forward(carry, q, k_blk, v_blk, spec, q_idx, kv_idx, bias_blk, visible)
 
     lo, hi = _key_blocks(spec, block_k)
-    carry = jax.lax.fori_loop(_batch_min(lo), _batch_max(hi), step, init_carry(q, v.shape[-1]))
+    # A batch shares one loop over the union of its examples' blocks; each example's mask
+    # hides the blocks outside its own range.
+    carry = jax.lax.fori_loop(batch_min(lo), batch_max(hi), step, init_carry(q, v.shape[-1]))
     out, lse = finalize(carry, spec.sinks)
     return out.astype(v.dtype), lse
-
-
-# Under `jax.vmap` the examples of a batch share one loop over the union of their key blocks:
-# with per-example bounds, the loop index would be batched, every block a gather (a copy) and
-# every carry a select. Blocks outside an example's own range are hidden by its mask anyway.
-def _shared_by_the_batch(reduce):
-    """The identity on one example; under `vmap`, `reduce` over the batch, unbatched."""
-
-    @custom_vmap
-    def shared(bound: Int[Array, ""]) -> Int[Array, ""]:
-        return bound
-
-    @shared.def_vmap
-    def rule(axis_size, in_batched, bound):
-        del axis_size, in_batched
-        return reduce(bound, axis=0), False
-
-    return shared
-
-
-_batch_min = _shared_by_the_batch(jnp.min)
-_batch_max = _shared_by_the_batch(jnp.max)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -17,6 +17,7 @@ computes both branches) is never involved.
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Int
 
 from .._spec import AttentionSpec, dense_block
@@ -185,3 +186,44 @@ def run_plan(count, index, step, carry):
 
         carry = jax.lax.fori_loop(0, count[kind], body, carry)
     return carry
+
+
+def run_plan_shared(count, index, step, carry):
+    """As [`run_plan`][], with one loop for a whole batch: `step(block, needs_mask, valid,
+    carry)`, which must leave `carry` as it is where `valid` is False.
+
+    Under `vmap` the loop runs as long as the batch's longest list; entries past an example's
+    own count are not its blocks (`valid` is False). With per-example trip counts, `vmap`
+    would instead select between the old and new carry at every step: for the backward
+    pass's carry, which holds the whole `dq`, that select costs more than the block.
+    """
+    for kind, needs_mask in ((0, False), (1, True)):
+        own = count[kind]
+
+        def body(j, c, kind=kind, needs_mask=needs_mask, own=own):
+            return step(index[kind, j], needs_mask, j < own, c)
+
+        carry = jax.lax.fori_loop(0, batch_max(own), body, carry)
+    return carry
+
+
+def _shared_by_the_batch(reduce):
+    """The identity on one example; under `vmap`, `reduce` over the batch, unbatched."""
+
+    @custom_vmap
+    def shared(bound: Int[Array, ""]) -> Int[Array, ""]:
+        return bound
+
+    @shared.def_vmap
+    def rule(axis_size, in_batched, bound):
+        del axis_size, in_batched
+        return reduce(bound, axis=0), False
+
+    return shared
+
+
+# Loop bounds a batch shares under `jax.vmap`, so that the loop index stays unbatched: blocks
+# are sliced rather than gathered and no carry is selected. The loops' bodies hide what lies
+# outside an example's own range.
+batch_min = _shared_by_the_batch(jnp.min)
+batch_max = _shared_by_the_batch(jnp.max)
