@@ -315,8 +315,9 @@ class MultiheadAttention(eqx.Module):
         q_seq = query.shape[0]
         window = _normalise_window(local_window_size)
         if cache is None:
+            # Keys at 0..kv_seq - 1, queries bottom-right aligned with them.
             q_positions = query_positions(q_seq, key_.shape[0])
-            k_positions = query_positions(key_.shape[0], key_.shape[0])
+            k_positions = jnp.arange(key_.shape[0], dtype=jnp.int32)
         else:
             cache.check_call(mask, bias, window)
             self._check_cache(cache)
