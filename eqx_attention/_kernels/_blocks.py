@@ -122,6 +122,20 @@ def score_mod_params(spec: AttentionSpec):
     return eqx.partition(spec.score_mod, eqx.is_inexact_array)
 
 
+def split_differentiable(q, k, v, bias, spec: AttentionSpec):
+    """`(x, aux)`: the inputs a kernel differentiates (queries, keys, values, bias, sinks and
+    `score_mod`'s parameters) and the spec without them. [`join_differentiable`][] inverts it."""
+    params, static = score_mod_params(spec)
+    return (q, k, v, bias, spec.sinks, params), replace(spec, sinks=None, score_mod=static)
+
+
+def join_differentiable(x, aux: AttentionSpec):
+    """`(q, k, v, bias, spec)` from [`split_differentiable`][]'s `(x, aux)`."""
+    q, k, v, bias, sinks, params = x
+    score_mod = None if aux.score_mod is None else eqx.combine(params, aux.score_mod)
+    return q, k, v, bias, replace(aux, sinks=sinks, score_mod=score_mod)
+
+
 def zeros_like_params(params):
     """Float32 accumulators for the gradient of `score_mod_params`, summed over blocks."""
     return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)

@@ -6,6 +6,7 @@ Backward: a `jax.custom_vjp` that recomputes each block from the saved log-sum-e
 of storing probabilities, using `delta = rowsum(dO * O)`. Memory is O(q_seq * block).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -13,14 +14,16 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._spec import AttentionSpec, dense_block, replace
+from ._autodiff import Kernel, attention
 from ._blocks import (
     block_backward,
     block_forward,
     finalize,
     init_carry,
+    join_differentiable,
     score_mod_params,
     sink_grad,
-    spec_cotangent,
+    split_differentiable,
     zeros_like_params,
 )
 from ._plan import BlockPlan, check_plan, make_plan, run_plan, run_plan_shared
@@ -234,41 +237,47 @@ def _per_kv_head(fn, spec: AttentionSpec, bias, *arrays):
     return jax.lax.map(one_head, xs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _flash(q, k, v, bias, spec, plan, blocks):
-    return _flash_fwd(q, k, v, bias, spec, plan, blocks)[0]
+def _flash(q, k, v, bias, spec: AttentionSpec, plan: BlockPlan | None, blocks):
+    x, aux = split_differentiable(q, k, v, bias, spec)
+    out, lse = attention(_Blockwise(blocks), x, (aux, plan))
+    # The log-sum-exp is a residual for the caller, as in jax.nn: no gradient flows through it.
+    return out, jax.lax.stop_gradient(lse)
 
 
-def _flash_fwd(q, k, v, bias, spec, plan, blocks):
-    def forward(spec, bias, q):
-        return _forward(q, k, v, bias, spec, plan, blocks)
+@dataclasses.dataclass(frozen=True)
+class _Blockwise(Kernel):
+    blocks: tuple[int, int, int, int]
 
-    out, lse = _per_kv_head(forward, spec, bias, q)
-    out, lse = out[:, 0], lse[:, 0]
-    return (out, lse), (q, k, v, bias, spec, plan, out, lse)
+    def forward(self, x, aux):
+        aux, plan = aux
+        q, k, v, bias, spec = join_differentiable(x, aux)
 
+        def forward(spec, bias, q):
+            return _forward(q, k, v, bias, spec, plan, self.blocks)
 
-def _flash_bwd(blocks, residuals, cotangents):
-    # The log-sum-exp output is a residual for the caller, not differentiated through.
-    d_out, _ = cotangents
-    q, k, v, bias, spec, plan, out, lse = residuals
-    d_out = d_out.astype(jnp.float32)
-    delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)
+        out, lse = _per_kv_head(forward, spec, bias, q)
+        return out[:, 0], lse[:, 0]
 
-    def backward(spec, bias, q, lse, delta, d_out):
-        return _backward(q, k, v, bias, spec, plan, lse, delta, d_out, blocks)
+    def backward(self, x, aux, out, lse, ct_out, ct_lse):
+        aux, plan = aux
+        q, k, v, bias, spec = join_differentiable(x, aux)
+        d_out = ct_out.astype(jnp.float32)
+        # A cotangent of the log-sum-exp adds p * ct_lse to the logits' gradient: it enters
+        # as a shift of delta = rowsum(d_out * out).
+        delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1) - ct_lse
 
-    dq, dk, dv, dbias, dmod = _per_kv_head(backward, spec, bias, q, lse, delta, d_out)
-    if dbias is not None:
-        # A bias shared by all heads collects every head's gradient.
-        dbias = dbias[:, 0] if bias.shape[0] > 1 else jnp.sum(dbias, axis=0)
-        dbias = dbias.astype(bias.dtype)
-    # score_mod is shared by the heads (they are its argument), so it collects them all.
-    dmod = jax.tree.map(lambda g: jnp.sum(g, axis=0), dmod)
-    dsinks = None if spec.sinks is None else sink_grad(spec.sinks, lse, delta)
-    dspec = spec_cotangent(spec, dsinks, dmod)
-    plan_cotangent = jax.tree.map(lambda _: None, plan)
-    return dq[:, 0], dk[:, 0], dv[:, 0], dbias, dspec, plan_cotangent
+        def backward(spec, bias, q, lse, delta, d_out):
+            return _backward(q, k, v, bias, spec, plan, lse, delta, d_out, self.blocks)
+
+        dq, dk, dv, dbias, dmod = _per_kv_head(backward, spec, bias, q, lse, delta, d_out)
+        if dbias is not None:
+            # A bias shared by all heads collects every head's gradient.
+            dbias = dbias[:, 0] if bias.shape[0] > 1 else jnp.sum(dbias, axis=0)
+        # score_mod is shared by the heads (they are its argument), so it collects them all.
+        dmod = jax.tree.map(lambda g: jnp.sum(g, axis=0), dmod)
+        dsinks = None if spec.sinks is None else sink_grad(spec.sinks, lse, delta)
+        grads = (dq[:, 0], dk[:, 0], dv[:, 0], dbias, dsinks, dmod)
+        return jax.tree.map(lambda g, x: g.astype(x.dtype), grads, x)
 
 
 def _backward(
@@ -347,9 +356,6 @@ def _backward(
     dk = jnp.moveaxis(dk, 0, 1).reshape((1,) + k.shape[1:])
     dv = jnp.moveaxis(dv, 0, 1).reshape((1,) + v.shape[1:])
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, dmod
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _add_slice(x, update, start, axis):

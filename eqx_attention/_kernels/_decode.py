@@ -11,15 +11,15 @@ The backward pass (rare when decoding) recomputes through the materialising refe
 whose logits are small here: `q_seq` rows.
 """
 
-import functools
+import dataclasses
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._spec import AttentionSpec, dense_block, replace
-from ._blocks import block_forward, finalize, init_carry, score_mod_params, spec_cotangent
+from .._spec import AttentionSpec, dense_block
+from ._autodiff import Kernel, attention
+from ._blocks import block_forward, finalize, init_carry, join_differentiable, split_differentiable
 from ._plan import batch_max, batch_min
 from ._xla import xla_attention
 
@@ -81,28 +81,27 @@ def _forward(q, k, v, bias, spec: AttentionSpec, block_k: int):
     return out.astype(v.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _decode(q, k, v, bias, spec, block_k):
-    return _forward(q, k, v, bias, spec, block_k)
+def _decode(q, k, v, bias, spec: AttentionSpec, block_k: int):
+    x, aux = split_differentiable(q, k, v, bias, spec)
+    out, lse = attention(_Decode(block_k), x, aux)
+    return out, jax.lax.stop_gradient(lse)
 
 
-def _decode_fwd(q, k, v, bias, spec, block_k):
-    return _forward(q, k, v, bias, spec, block_k), (q, k, v, bias, spec)
+@dataclasses.dataclass(frozen=True)
+class _Decode(Kernel):
+    block_k: int
 
+    def forward(self, x, aux):
+        q, k, v, bias, spec = join_differentiable(x, aux)
+        return _forward(q, k, v, bias, spec, self.block_k)
 
-def _decode_bwd(block_k, residuals, cotangents):
-    del block_k
-    q, k, v, bias, spec = residuals
-    params, static = score_mod_params(spec)
+    def backward(self, x, aux, out, lse, ct_out, ct_lse):
+        # The logits are only q_seq rows: the one-shot reference's backward pass is cheap.
+        del out, lse
 
-    def reference(q, k, v, bias, sinks, params):
-        score_mod = None if spec.score_mod is None else eqx.combine(params, static)
-        spec_ = replace(spec, sinks=sinks, score_mod=score_mod)
-        return xla_attention(q, k, v, spec_, bias)
+        def reference(x):
+            q, k, v, bias, spec = join_differentiable(x, aux)
+            return xla_attention(q, k, v, spec, bias, lse_gradient=True)
 
-    _, vjp = jax.vjp(reference, q, k, v, bias, spec.sinks, params)
-    dq, dk, dv, dbias, dsinks, dmod = vjp(cotangents)
-    return dq, dk, dv, dbias, spec_cotangent(spec, dsinks, dmod)
-
-
-_decode.defvjp(_decode_fwd, _decode_bwd)
+        _, vjp = jax.vjp(reference, x)
+        return vjp((ct_out, ct_lse))[0]

@@ -77,12 +77,15 @@ def xla_attention(
     v: Float[Array, "K S Dv"],
     spec: AttentionSpec,
     bias,
+    lse_gradient: bool = False,
 ) -> tuple[Float[Array, "K G T Dv"], Float[Array, "K G T"]]:
-    """The output and each row's log-sum-exp (which carries no gradient, as in jax.nn)."""
+    """The output and each row's log-sum-exp, which carries no gradient (as in jax.nn) unless
+    `lse_gradient` (for kernels that differentiate through this reference)."""
     s = xla_logits(q, k, spec, bias)
     p = _softmax(s)[..., : spec.kv_seq]
     if spec.dropout_p is not None:
         keep = spec.keep(jnp.arange(spec.q_seq), jnp.arange(spec.kv_seq))
         p = jnp.where(keep, p / (1 - spec.dropout_p), 0.0)
     out = jnp.einsum("kgqc,kcd->kgqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out, jax.lax.stop_gradient(_logsumexp(s))
+    lse = _logsumexp(s)
+    return out, lse if lse_gradient else jax.lax.stop_gradient(lse)

@@ -1,0 +1,279 @@
+"""Every derivative of a kernel whose backward pass is written by hand.
+
+A `jax.custom_vjp` gives reverse mode only: `jvp` of it raises, and so does `grad` of its
+backward pass wherever that loops with `lax.while_loop`. Here a kernel is instead four JAX
+primitives, each with the rules that make the others' derivatives:
+
+- `attention(x) = (out, lse)`, the kernel's forward pass;
+- `tangent(x; dx) = J(x) dx`, its Jacobian-vector product (forward mode);
+- `backward(x; ct) = J(x)^T ct`, its hand-written backward pass (reverse mode);
+- `hessian(x, ct; u) = d/de backward(x + e u; ct)`, the backward pass's own derivative.
+
+`jvp` of `attention` is `tangent`. Reverse mode transposes `tangent`, which is linear in
+`dx`: its transpose is `backward`. `backward` is linear in `ct`, with `tangent` as its
+transpose, and its derivative in `x` is `hessian`. As the second derivative of the scalar
+`<ct, attention(x)>`, `hessian` is symmetric in `u`, so it is its own transpose. So `jvp`,
+`grad`, `jvp` of `grad` (Hessian-vector products) and `grad` of `grad` all run the kernels'
+own blockwise loops, in O(T) memory; nothing is differentiated through a `while_loop` in
+reverse. Third and higher derivatives in forward mode differentiate the kernels' code.
+
+`x` holds the differentiable inputs (queries, keys, values, bias, sinks, `score_mod`'s
+parameters); `aux` the rest (the spec's other leaves, the block plan), which carry no
+derivative. The primitives also take the forward pass's `(out, lse)` so as not to recompute
+it. Those are functions of `x`, so their own tangents are redundant: the rules account for
+them through `x`, with one exception, `hessian`'s extra arguments `(du_out, du_lse)`, the
+tangents of `(out, lse)` along `u`, which the caller already has (`J(x) u`).
+
+Under `jax.vmap` a primitive is bound again with one more level of `vmapped`: per level,
+which arguments carry that batch axis (moved to the front). Outputs are batched at every
+level; a cotangent for an argument that was not is summed over that level's axis.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A kernel's forward and backward passes, hashable (a primitive parameter).
+
+    `forward(x, aux) -> (out, lse)`; `backward(x, aux, out, lse, ct_out, ct_lse) -> dx`, in
+    `x`'s structure and dtypes. `tangent(x, aux, out, lse, dx) -> (t_out, t_lse)` defaults to
+    `jax.jvp` of the forward pass, which carries the tangents of the online softmax's running
+    state alongside it, block by block.
+    """
+
+    def forward(self, x, aux):
+        raise NotImplementedError
+
+    def backward(self, x, aux, out, lse, ct_out, ct_lse):
+        raise NotImplementedError
+
+    def tangent(self, x, aux, out, lse, dx):
+        del out, lse
+        _, tangents = jax.jvp(lambda x: self.forward(x, aux), (x,), (dx,))
+        return tangents
+
+
+def attention(kernel: Kernel, x, aux):
+    """`kernel.forward(x, aux)`, differentiable in `x` in every mode and to any order."""
+    xs, x_tree = jax.tree.flatten(x)
+    auxs, aux_tree = jax.tree.flatten(aux)
+    out, lse = _attention_p.bind(*xs, *auxs, kernel=kernel, trees=(x_tree, aux_tree), vmapped=())
+    return out, lse
+
+
+def _unpack(args, trees):
+    """`(x, aux, rest)` from a primitive's flat arguments."""
+    x_tree, aux_tree = trees
+    nx, na = x_tree.num_leaves, aux_tree.num_leaves
+    x = jax.tree.unflatten(x_tree, args[:nx])
+    aux = jax.tree.unflatten(aux_tree, args[nx : nx + na])
+    return x, aux, list(args[nx + na :])
+
+
+def _run_attention(kernel, trees, *args):
+    x, aux, _ = _unpack(args, trees)
+    return list(kernel.forward(x, aux))
+
+
+def _run_tangent(kernel, trees, *args):
+    x, aux, (out, lse, *dx) = _unpack(args, trees)
+    return list(kernel.tangent(x, aux, out, lse, jax.tree.unflatten(trees[0], dx)))
+
+
+def _run_backward(kernel, trees, *args):
+    x, aux, (out, lse, ct_out, ct_lse) = _unpack(args, trees)
+    return jax.tree.leaves(kernel.backward(x, aux, out, lse, ct_out, ct_lse))
+
+
+def _run_hessian(kernel, trees, *args):
+    x, aux, (out, lse, ct_out, ct_lse, *rest) = _unpack(args, trees)
+    u, (du_out, du_lse) = jax.tree.unflatten(trees[0], rest[:-2]), rest[-2:]
+
+    def backward(x, out, lse):
+        return kernel.backward(x, aux, out, lse, ct_out, ct_lse)
+
+    _, h = jax.jvp(backward, (x, out, lse), (u, du_out, du_lse))
+    return jax.tree.leaves(h)
+
+
+def _batched(run, kernel, trees, vmapped):
+    """`run` on the primitive's arguments, under its levels of `vmap` (innermost first)."""
+    fn = functools.partial(run, kernel, trees)
+    for flags in vmapped:
+        fn = jax.vmap(fn, in_axes=[0 if f else None for f in flags])
+    return fn
+
+
+def _primitive(name: str, run) -> Primitive:
+    p = Primitive(name)
+    p.multiple_results = True
+
+    def evaluate(*args, kernel, trees, vmapped):
+        return _batched(run, kernel, trees, vmapped)(*args)
+
+    @functools.lru_cache(maxsize=256)
+    def shapes(avals, kernel, trees, vmapped):
+        outs = jax.eval_shape(
+            functools.partial(evaluate, kernel=kernel, trees=trees, vmapped=vmapped), *avals
+        )
+        return [jax.core.ShapedArray(o.shape, o.dtype) for o in outs]
+
+    def batch(args, dims, **params):
+        flags = tuple(d is not None for d in dims)
+        args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims, strict=True)]
+        outs = p.bind(*args, **{**params, "vmapped": params["vmapped"] + (flags,)})
+        return outs, [0] * len(outs)
+
+    p.def_impl(jax.jit(evaluate, static_argnames=("kernel", "trees", "vmapped")))
+    p.def_abstract_eval(lambda *avals, **params: shapes(avals, **params))
+    mlir.register_lowering(p, mlir.lower_fun(evaluate, multiple_results=True))
+    batching.primitive_batchers[p] = batch
+    return p
+
+
+_attention_p = _primitive("attention", _run_attention)
+_tangent_p = _primitive("attention_tangent", _run_tangent)
+_backward_p = _primitive("attention_backward", _run_backward)
+_hessian_p = _primitive("attention_hessian", _run_hessian)
+
+
+def _levels(vmapped, *spans):
+    """`vmapped` for a new primitive call: per level, flags taken from the calling one's
+    (a `slice` of its arguments) or `True` for as many new arguments (an `int`), which are
+    outputs of primitives and so batched at every level."""
+    return tuple(
+        sum((flags[s] if isinstance(s, slice) else (True,) * s for s in spans), ())
+        for flags in vmapped
+    )
+
+
+def _fit(ct, vmapped, index: int):
+    """A cotangent batched at every level, summed over the levels argument `index` lacks."""
+    if isinstance(ct, ad.Zero):
+        return None
+    depth = len(vmapped)
+    axes = tuple(depth - 1 - level for level, flags in enumerate(vmapped) if not flags[index])
+    return jnp.sum(ct, axis=axes) if axes else ct
+
+
+def _instantiate(tangents):
+    return [ad.instantiate_zeros(t) for t in tangents]
+
+
+def _all_zero(tangents) -> bool:
+    return all(isinstance(t, ad.Zero) for t in tangents)
+
+
+def _sizes(trees):
+    x_tree, aux_tree = trees
+    return x_tree.num_leaves, x_tree.num_leaves + aux_tree.num_leaves
+
+
+def _defined(args, upto: int, what: str):
+    if any(ad.is_undefined_primal(a) for a in args[:upto]):
+        raise NotImplementedError(
+            f"attention's {what} is linear only in its last arguments: reverse mode over "
+            "forward mode is not supported; take jvp of grad (forward over reverse) instead"
+        )
+
+
+# jvp of the forward pass: the kernel's tangent, given the forward pass's output.
+def _attention_jvp(primals, tangents, *, kernel, trees, vmapped):
+    out, lse = _attention_p.bind(*primals, kernel=kernel, trees=trees, vmapped=vmapped)
+    nx, n = _sizes(trees)
+    if _all_zero(tangents[:nx]):
+        return [out, lse], [ad.Zero.from_primal_value(out), ad.Zero.from_primal_value(lse)]
+    levels = _levels(vmapped, slice(0, n), 2, slice(0, nx))
+    t = _tangent_p.bind(
+        *primals, out, lse, *_instantiate(tangents[:nx]), kernel=kernel, trees=trees, vmapped=levels
+    )
+    return [out, lse], t
+
+
+# The tangent is linear in dx, with the backward pass as its transpose.
+def _tangent_transpose(cts, *args, kernel, trees, vmapped):
+    nx, n = _sizes(trees)
+    _defined(args, n + 2, "tangent")
+    if _all_zero(cts):
+        return [None] * len(args)
+    levels = _levels(vmapped, slice(0, n + 2), 2)
+    dx = _backward_p.bind(
+        *args[: n + 2], *_instantiate(cts), kernel=kernel, trees=trees, vmapped=levels
+    )
+    return [None] * (n + 2) + [_fit(d, vmapped, n + 2 + i) for i, d in enumerate(dx)]
+
+
+# Forward over forward: differentiate the tangent's code (its out/lse tangents are exact).
+def _tangent_jvp(primals, tangents, *, kernel, trees, vmapped):
+    fn = _batched(_run_tangent, kernel, trees, vmapped)
+    return jax.jvp(fn, list(primals), _instantiate(tangents))
+
+
+# The backward pass is linear in the cotangent, with the tangent as its transpose.
+def _backward_transpose(cts, *args, kernel, trees, vmapped):
+    nx, n = _sizes(trees)
+    _defined(args, n + 2, "backward pass")
+    if _all_zero(cts):
+        return [None] * len(args)
+    levels = _levels(vmapped, slice(0, n + 2), nx)
+    t_out, t_lse = _tangent_p.bind(
+        *args[: n + 2], *_instantiate(cts), kernel=kernel, trees=trees, vmapped=levels
+    )
+    return [None] * (n + 2) + [_fit(t_out, vmapped, n + 2), _fit(t_lse, vmapped, n + 3)]
+
+
+# The backward pass's derivative: along the cotangent, itself; along x, the Hessian term.
+# Tangents of its out/lse arguments are those of functions of x: `hessian` accounts for them.
+def _backward_jvp(primals, tangents, *, kernel, trees, vmapped):
+    params = dict(kernel=kernel, trees=trees)
+    dx = _backward_p.bind(*primals, **params, vmapped=vmapped)
+    nx, n = _sizes(trees)
+    parts = []
+    if not _all_zero(tangents[n + 2 :]):
+        cts = _instantiate(tangents[n + 2 :])
+        parts.append(_backward_p.bind(*primals[: n + 2], *cts, **params, vmapped=vmapped))
+    if not _all_zero(tangents[:nx]):
+        u = _instantiate(tangents[:nx] + tangents[n : n + 2])
+        levels = _levels(vmapped, slice(0, n + 4), slice(0, nx), slice(n, n + 2))
+        parts.append(_hessian_p.bind(*primals, *u, **params, vmapped=levels))
+    if not parts:
+        return dx, [ad.Zero.from_primal_value(d) for d in dx]
+    return dx, [sum(ts) for ts in zip(*parts, strict=True)]
+
+
+# The Hessian term is symmetric in u: its transpose is itself. Its (du_out, du_lse) are
+# J(x) u; their share of the transpose is in the full Hessian, so theirs is zero.
+def _hessian_transpose(cts, *args, kernel, trees, vmapped):
+    params = dict(kernel=kernel, trees=trees)
+    nx, n = _sizes(trees)
+    _defined(args, n + 4, "Hessian term")
+    if _all_zero(cts):
+        return [None] * len(args)
+    w = _instantiate(cts)
+    levels = _levels(vmapped, slice(0, n + 2), nx)
+    dw = _tangent_p.bind(*args[: n + 2], *w, **params, vmapped=levels)
+    levels = _levels(vmapped, slice(0, n + 4), nx, 2)
+    hw = _hessian_p.bind(*args[: n + 4], *w, *dw, **params, vmapped=levels)
+    return [None] * (n + 4) + [_fit(h, vmapped, n + 4 + i) for i, h in enumerate(hw)] + [None, None]
+
+
+# Third order and beyond, forward mode: differentiate the Hessian term's code.
+def _hessian_jvp(primals, tangents, *, kernel, trees, vmapped):
+    fn = _batched(_run_hessian, kernel, trees, vmapped)
+    return jax.jvp(fn, list(primals), _instantiate(tangents))
+
+
+ad.primitive_jvps[_attention_p] = _attention_jvp
+ad.primitive_jvps[_tangent_p] = _tangent_jvp
+ad.primitive_transposes[_tangent_p] = _tangent_transpose
+ad.primitive_jvps[_backward_p] = _backward_jvp
+ad.primitive_transposes[_backward_p] = _backward_transpose
+ad.primitive_jvps[_hessian_p] = _hessian_jvp
+ad.primitive_transposes[_hessian_p] = _hessian_transpose
