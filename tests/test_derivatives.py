@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,7 +194,8 @@ def test_derivatives_inside_vmap(small_blocks, getkey):
 
 @pytest.mark.parametrize("name", ["alibi", "relative_table"])
 def test_jacfwd_with_respect_to_score_mod_parameters(name, small_blocks, getkey):
-    """`jacfwd` (and `jacrev`, which batches the cotangents alone) in a learned mod's array."""
+    """`jacfwd`, `jacrev` (which batches the cotangents alone) and `jax.hessian` in a learned
+    mod's array."""
     q = _normal(getkey(), Q_SEQ, HEADS, SIZE)
     k, v = (_normal(getkey(), KV_SEQ, KV_HEADS, SIZE) for _ in range(2))
     shape = (HEADS,) if name == "alibi" else (HEADS, 7)
@@ -213,6 +215,13 @@ def test_jacfwd_with_respect_to_score_mod_parameters(name, small_blocks, getkey)
     ref = jax.jacfwd(attend)(params, "xla")
     _close(jax.jit(jax.jacfwd(attend), static_argnums=1)(params, "chunked"), ref, TOL)
     _close(jax.jit(jax.jacrev(attend), static_argnums=1)(params, "chunked"), ref, TOL)
+
+    def loss(params, implementation):
+        return jnp.sum(jnp.sin(attend(params, implementation)))
+
+    # jax.hessian is jacfwd of jacrev: forward mode over a batch of cotangents.
+    hessian = jax.jit(jax.hessian(loss), static_argnums=1)
+    _close(hessian(params, "chunked"), jax.hessian(loss)(params, "xla"), TOL2)
 
 
 @pytest.mark.parametrize("option", ["causal", "softcap_sinks", "alibi", "dropout"])
@@ -296,3 +305,32 @@ def test_jvp_memory_is_linear_in_length():
     logits = T * T * 4
     assert temp < logits / 16, (temp, logits)
     assert grown < logits / 4, (grown, logits)
+
+
+def test_scan_over_layers_and_a_module(small_blocks, getkey):
+    """Model code: `MultiheadAttention` layers under `lax.scan`, differentiated by `grad`,
+    `jvp` in the weights, and `grad` of `grad`."""
+    q_seq, features = 21, 16
+    make = lambda key: ea.MultiheadAttention(num_heads=4, query_size=features, key=key)  # noqa: E731
+    layers = eqx.filter_vmap(make)(jax.random.split(getkey(), 2))
+    params, static = eqx.partition(layers, eqx.is_inexact_array)
+    x = _normal(getkey(), q_seq, features)
+    tangent = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1, params)
+
+    def model(params, implementation):
+        def layer(x, p):
+            mha = eqx.combine(p, static)
+            return x + mha(x, is_causal=True, implementation=implementation), None
+
+        return jax.lax.scan(layer, x, params)[0]
+
+    def derivatives(implementation):
+        loss = lambda p: jnp.sum(jnp.sin(model(p, implementation)))  # noqa: E731
+        grad = jax.grad(loss)(params)
+        jvp = jax.jvp(lambda p: model(p, implementation), (params,), (tangent,))
+        gg = jax.grad(lambda p: sum(jnp.sum(g**2) for g in jax.tree.leaves(jax.grad(loss)(p))))(
+            params
+        )
+        return grad, jvp, gg
+
+    _close(jax.jit(lambda: derivatives("chunked"))(), derivatives("xla"), TOL2)

@@ -34,8 +34,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.extend.core import Primitive, Var
+from jax.interpreters import ad, batching, mlir, partial_eval as pe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +82,13 @@ def _run_attention(kernel, trees, *args):
     return list(kernel.forward(x, aux))
 
 
+def _run_jvp(kernel, trees, *args):
+    x, aux, dx = _unpack(args, trees)
+    dx = jax.tree.unflatten(trees[0], dx)
+    primals, tangents = jax.jvp(lambda x: kernel.forward(x, aux), (x,), (dx,))
+    return [*primals, *tangents]
+
+
 def _run_tangent(kernel, trees, *args):
     x, aux, (out, lse, *dx) = _unpack(args, trees)
     return list(kernel.tangent(x, aux, out, lse, jax.tree.unflatten(trees[0], dx)))
@@ -103,20 +110,37 @@ def _run_hessian(kernel, trees, *args):
     return jax.tree.leaves(h)
 
 
-def _batched(run, kernel, trees, vmapped):
-    """`run` on the primitive's arguments, under its levels of `vmap` (innermost first)."""
+def _batched(run, kernel, trees, vmapped, out_axes):
+    """`run` on the primitive's arguments, under its levels of `vmap` (innermost first).
+
+    `out_axes(flags, trees)` says which outputs a level batches (`vmap`'s `out_axes`); a level
+    in which no argument is batched adds no axis at all.
+    """
     fn = functools.partial(run, kernel, trees)
     for flags in vmapped:
-        fn = jax.vmap(fn, in_axes=[0 if f else None for f in flags])
+        if any(flags):
+            in_axes = [0 if f else None for f in flags]
+            fn = jax.vmap(fn, in_axes=in_axes, out_axes=out_axes(flags, trees))
     return fn
 
 
-def _primitive(name: str, run) -> Primitive:
+def _every_output(flags, trees):
+    del flags, trees
+    return 0
+
+
+def _tangents_only(flags, trees):
+    """`jvp`'s `(out, lse)` are batched only where an input of the forward pass is."""
+    primal = 0 if any(flags[: _sizes(trees)[1]]) else None
+    return [primal, primal, 0, 0]
+
+
+def _primitive(name: str, run, out_axes=_every_output) -> Primitive:
     p = Primitive(name)
     p.multiple_results = True
 
     def evaluate(*args, kernel, trees, vmapped):
-        return _batched(run, kernel, trees, vmapped)(*args)
+        return _batched(run, kernel, trees, vmapped, out_axes)(*args)
 
     @functools.lru_cache(maxsize=256)
     def shapes(avals, kernel, trees, vmapped):
@@ -129,7 +153,8 @@ def _primitive(name: str, run) -> Primitive:
         flags = tuple(d is not None for d in dims)
         args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims, strict=True)]
         outs = p.bind(*args, **{**params, "vmapped": params["vmapped"] + (flags,)})
-        return outs, [0] * len(outs)
+        axes = out_axes(flags, params["trees"])
+        return outs, [axes] * len(outs) if isinstance(axes, int) else axes
 
     p.def_impl(jax.jit(evaluate, static_argnames=("kernel", "trees", "vmapped")))
     p.def_abstract_eval(lambda *avals, **params: shapes(avals, **params))
@@ -139,28 +164,38 @@ def _primitive(name: str, run) -> Primitive:
 
 
 _attention_p = _primitive("attention", _run_attention)
+_jvp_p = _primitive("attention_jvp", _run_jvp, _tangents_only)
 _tangent_p = _primitive("attention_tangent", _run_tangent)
 _backward_p = _primitive("attention_backward", _run_backward)
 _hessian_p = _primitive("attention_hessian", _run_hessian)
 
 
 def _levels(vmapped, *spans):
-    """`vmapped` for a new primitive call: per level, flags taken from the calling one's
-    (a `slice` of its arguments) or `True` for as many new arguments (an `int`), which are
-    outputs of primitives and so batched at every level."""
-    return tuple(
-        sum((flags[s] if isinstance(s, slice) else (True,) * s for s in spans), ())
-        for flags in vmapped
-    )
+    """`vmapped` for a new primitive call, per level: flags copied from the calling one's
+    arguments (a `slice`), or for `k` outputs of a primitive called with this level's flags
+    (an `int`) or with those of a `slice` (`(k, slice)`): batched where any of those is."""
+
+    def flags_of(flags, span):
+        if isinstance(span, slice):
+            return flags[span]
+        k, within = (span, slice(None)) if isinstance(span, int) else span
+        return (any(flags[within]),) * k
+
+    return tuple(sum((flags_of(flags, s) for s in spans), ()) for flags in vmapped)
 
 
-def _fit(ct, vmapped, index: int):
-    """A cotangent batched at every level, summed over the levels argument `index` lacks."""
+def _fit(ct, made_under, vmapped, index: int):
+    """A cotangent, from a primitive called with levels `made_under`, for argument `index`
+    of one called with `vmapped`: summed over the axes of levels that argument lacks."""
     if isinstance(ct, ad.Zero):
         return None
-    depth = len(vmapped)
-    axes = tuple(depth - 1 - level for level, flags in enumerate(vmapped) if not flags[index])
-    return jnp.sum(ct, axis=axes) if axes else ct
+    axes, position = [], 0
+    for made, flags in zip(reversed(made_under), reversed(vmapped), strict=True):
+        if any(made):  # the level gave the cotangent an axis (outermost first)
+            if not flags[index]:
+                axes.append(position)
+            position += 1
+    return jnp.sum(ct, axis=tuple(axes)) if axes else ct
 
 
 def _instantiate(tangents):
@@ -184,17 +219,71 @@ def _defined(args, upto: int, what: str):
         )
 
 
-# jvp of the forward pass: the kernel's tangent, given the forward pass's output.
+# jvp of the forward pass: one pass computing the output and its tangent together.
 def _attention_jvp(primals, tangents, *, kernel, trees, vmapped):
-    out, lse = _attention_p.bind(*primals, kernel=kernel, trees=trees, vmapped=vmapped)
     nx, n = _sizes(trees)
     if _all_zero(tangents[:nx]):
+        out, lse = _attention_p.bind(*primals, kernel=kernel, trees=trees, vmapped=vmapped)
         return [out, lse], [ad.Zero.from_primal_value(out), ad.Zero.from_primal_value(lse)]
-    levels = _levels(vmapped, slice(0, n), 2, slice(0, nx))
-    t = _tangent_p.bind(
-        *primals, out, lse, *_instantiate(tangents[:nx]), kernel=kernel, trees=trees, vmapped=levels
+    levels = _levels(vmapped, slice(0, n), slice(0, nx))
+    dx = _instantiate(tangents[:nx])
+    out, lse, t_out, t_lse = _jvp_p.bind(*primals, *dx, kernel=kernel, trees=trees, vmapped=levels)
+    return [out, lse], [t_out, t_lse]
+
+
+# Where a jvp is split into a known primal part and a staged linear part (`grad`, `linearize`,
+# `jax.checkpoint`, `scan`), the one pass splits into the forward pass (known) and the
+# tangent (staged, linear in dx, transposed into the backward pass).
+def _jvp_partial_eval(trace, *tracers, kernel, trees, vmapped):
+    params = dict(kernel=kernel, trees=trees)
+    nx, n = _sizes(trees)
+    known = [t.pval.get_known() for t in tracers[:n]]
+    if any(c is None for c in known):
+        return trace.default_process_primitive(_jvp_p, tracers, dict(params, vmapped=vmapped))
+    out, lse = _attention_p.bind(*known, **params, vmapped=_levels(vmapped, slice(0, n)))
+    out, lse = trace.new_const(out), trace.new_const(lse)
+    levels = _levels(vmapped, slice(0, n), (2, slice(0, n)), slice(n, n + nx))
+    args = (*tracers[:n], out, lse, *tracers[n:])
+    t_out, t_lse = trace.default_process_primitive(_tangent_p, args, dict(params, vmapped=levels))
+    return [out, lse, t_out, t_lse]
+
+
+# The same split on a jaxpr (`jax.checkpoint`'s policies, `scan`'s partial evaluation).
+def _jvp_partial_eval_jaxpr(saveable, unks_in, inst_in, eqn):
+    del saveable  # (out, lse) are O(T): always kept for the staged tangent
+    nx, n = _sizes(eqn.params["trees"])
+    vmapped = eqn.params["vmapped"]
+    if not any(unks_in):
+        return eqn, None, [False] * 4, [False] * 4, []
+    residuals = [
+        v for v, inst in zip(eqn.invars, inst_in, strict=True)
+        if not inst and isinstance(v, Var)
+    ]  # fmt: skip
+    if any(unks_in[:n]):
+        return None, eqn, [True] * 4, [True] * 4, residuals
+    out, lse, t_out, t_lse = eqn.outvars
+    known = eqn.replace(
+        primitive=_attention_p,
+        invars=eqn.invars[:n],
+        outvars=[out, lse],
+        params=dict(eqn.params, vmapped=_levels(vmapped, slice(0, n))),
     )
-    return [out, lse], t
+    staged = eqn.replace(
+        primitive=_tangent_p,
+        invars=[*eqn.invars[:n], out, lse, *eqn.invars[n:]],
+        outvars=[t_out, t_lse],
+        params=dict(
+            eqn.params, vmapped=_levels(vmapped, slice(0, n), (2, slice(0, n)), slice(n, n + nx))
+        ),
+    )
+    residuals = [v for v in residuals if v in eqn.invars[:n]] + [out, lse]
+    return known, staged, [False, False, True, True], [True] * 4, residuals
+
+
+# Forward over forward: differentiate the one pass's code.
+def _jvp_jvp(primals, tangents, *, kernel, trees, vmapped):
+    fn = _batched(_run_jvp, kernel, trees, vmapped, _tangents_only)
+    return jax.jvp(fn, list(primals), _instantiate(tangents))
 
 
 # The tangent is linear in dx, with the backward pass as its transpose.
@@ -207,12 +296,12 @@ def _tangent_transpose(cts, *args, kernel, trees, vmapped):
     dx = _backward_p.bind(
         *args[: n + 2], *_instantiate(cts), kernel=kernel, trees=trees, vmapped=levels
     )
-    return [None] * (n + 2) + [_fit(d, vmapped, n + 2 + i) for i, d in enumerate(dx)]
+    return [None] * (n + 2) + [_fit(d, levels, vmapped, n + 2 + i) for i, d in enumerate(dx)]
 
 
 # Forward over forward: differentiate the tangent's code (its out/lse tangents are exact).
 def _tangent_jvp(primals, tangents, *, kernel, trees, vmapped):
-    fn = _batched(_run_tangent, kernel, trees, vmapped)
+    fn = _batched(_run_tangent, kernel, trees, vmapped, _every_output)
     return jax.jvp(fn, list(primals), _instantiate(tangents))
 
 
@@ -226,7 +315,10 @@ def _backward_transpose(cts, *args, kernel, trees, vmapped):
     t_out, t_lse = _tangent_p.bind(
         *args[: n + 2], *_instantiate(cts), kernel=kernel, trees=trees, vmapped=levels
     )
-    return [None] * (n + 2) + [_fit(t_out, vmapped, n + 2), _fit(t_lse, vmapped, n + 3)]
+    return [None] * (n + 2) + [
+        _fit(t_out, levels, vmapped, n + 2),
+        _fit(t_lse, levels, vmapped, n + 3),
+    ]
 
 
 # The backward pass's derivative: along the cotangent, itself; along x, the Hessian term.
@@ -261,16 +353,23 @@ def _hessian_transpose(cts, *args, kernel, trees, vmapped):
     dw = _tangent_p.bind(*args[: n + 2], *w, **params, vmapped=levels)
     levels = _levels(vmapped, slice(0, n + 4), nx, 2)
     hw = _hessian_p.bind(*args[: n + 4], *w, *dw, **params, vmapped=levels)
-    return [None] * (n + 4) + [_fit(h, vmapped, n + 4 + i) for i, h in enumerate(hw)] + [None, None]
+    return (
+        [None] * (n + 4)
+        + [_fit(h, levels, vmapped, n + 4 + i) for i, h in enumerate(hw)]
+        + [None, None]
+    )
 
 
 # Third order and beyond, forward mode: differentiate the Hessian term's code.
 def _hessian_jvp(primals, tangents, *, kernel, trees, vmapped):
-    fn = _batched(_run_hessian, kernel, trees, vmapped)
+    fn = _batched(_run_hessian, kernel, trees, vmapped, _every_output)
     return jax.jvp(fn, list(primals), _instantiate(tangents))
 
 
 ad.primitive_jvps[_attention_p] = _attention_jvp
+ad.primitive_jvps[_jvp_p] = _jvp_jvp
+pe.custom_partial_eval_rules[_jvp_p] = _jvp_partial_eval
+pe.partial_eval_jaxpr_custom_rules[_jvp_p] = _jvp_partial_eval_jaxpr
 ad.primitive_jvps[_tangent_p] = _tangent_jvp
 ad.primitive_transposes[_tangent_p] = _tangent_transpose
 ad.primitive_jvps[_backward_p] = _backward_jvp

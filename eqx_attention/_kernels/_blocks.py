@@ -47,7 +47,10 @@ def block_forward(
     s = spec.scores(raw_logits(q, k), q_idx, kv_idx, bias)
     if visible is not None:
         s = jnp.where(visible, s, MASKED)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    # The running maximum only keeps exp in range: the output and log-sum-exp do not depend
+    # on it, so it carries no tangent. That spares forward mode the max's own derivative (a
+    # search for where the maximum lies, several passes over the block) for an exact zero.
+    m_new = jnp.maximum(m, jax.lax.stop_gradient(jnp.max(s, axis=-1)))
     m_safe, correction = _shift(m, m_new)
     p = jnp.exp(s - m_safe[..., None])
     denom = denom * correction + jnp.sum(p, axis=-1)
