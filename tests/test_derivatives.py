@@ -242,14 +242,19 @@ def test_decode_loop_derivatives(option, small_blocks, getkey):
     _close(jax.jit(lambda: derivatives("chunked"))(), derivatives("xla"), TOL2)
 
 
-def test_checkpointed_attention_differentiates(small_blocks, getkey):
-    """`jax.checkpoint` (rematerialisation) around the kernel, first and second order."""
+@pytest.mark.parametrize("policy", ["nothing_saveable", "everything_saveable", "dots_saveable"])
+def test_checkpointed_attention_differentiates(policy, small_blocks, getkey):
+    """`jax.checkpoint` (rematerialisation, which partially evaluates the kernel's jvp on a
+    jaxpr) around the kernel: grad, HVP and grad of grad, under each saving policy."""
     primals, tangents, batch = _problem(getkey(), "causal")
 
     def grads(implementation):
-        loss = jax.checkpoint(_loss(batch(implementation)))
+        policy_fn = getattr(jax.checkpoint_policies, policy)
+        loss = jax.checkpoint(_loss(batch(implementation)), policy=policy_fn)
         grad = jax.grad(loss, argnums=(0, 1, 2))
-        return grad(*primals), jax.jvp(grad, primals, tangents)
+        penalty = lambda *p: sum(jnp.sum(g**2) for g in grad(*p))  # noqa: E731
+        gg = jax.grad(penalty, argnums=(0, 1, 2))(*primals)
+        return grad(*primals), jax.jvp(grad, primals, tangents), gg
 
     _close(jax.jit(lambda: grads("chunked"))(), grads("xla"), TOL2)
 

@@ -100,14 +100,30 @@ def _run_backward(kernel, trees, *args):
 
 
 def _run_hessian(kernel, trees, *args):
-    x, aux, (out, lse, ct_out, ct_lse, *rest) = _unpack(args, trees)
-    u, (du_out, du_lse) = jax.tree.unflatten(trees[0], rest[:-2]), rest[-2:]
+    return _run_backward_jvp(kernel, trees, *args)[_sizes(trees)[0] :]
 
-    def backward(x, out, lse):
+
+def _run_backward_jvp(kernel, trees, *args):
+    """The backward pass and its derivative along `(u, du_out, du_lse)` and, when given,
+    the cotangent's tangent `(dct_out, dct_lse)`."""
+    nx, _ = _sizes(trees)
+    x, aux, (out, lse, ct_out, ct_lse, *rest) = _unpack(args, trees)
+    u, (du_out, du_lse), dct = (
+        jax.tree.unflatten(trees[0], rest[:nx]),
+        rest[nx : nx + 2],
+        rest[nx + 2 :],
+    )
+    primals, tangents = (x, out, lse), (u, du_out, du_lse)
+    if not dct:
+        ct = (ct_out, ct_lse)
+    else:
+        primals, tangents, ct = primals + (ct_out, ct_lse), tangents + tuple(dct), ()
+
+    def backward(x, out, lse, ct_out, ct_lse):
         return kernel.backward(x, aux, out, lse, ct_out, ct_lse)
 
-    _, h = jax.jvp(backward, (x, out, lse), (u, du_out, du_lse))
-    return jax.tree.leaves(h)
+    dx, h = jax.jvp(lambda *p: backward(*p, *ct), primals, tangents)
+    return jax.tree.leaves(dx) + jax.tree.leaves(h)
 
 
 def _batched(run, kernel, trees, vmapped, out_axes):
@@ -133,6 +149,13 @@ def _tangents_only(flags, trees):
     """`jvp`'s `(out, lse)` are batched only where an input of the forward pass is."""
     primal = 0 if any(flags[: _sizes(trees)[1]]) else None
     return [primal, primal, 0, 0]
+
+
+def _backward_and_tangents(flags, trees):
+    """The backward pass's jvp: its value is batched only where one of its own inputs is."""
+    nx, n = _sizes(trees)
+    primal = 0 if any(flags[: n + 4]) else None
+    return [primal] * nx + [0] * nx
 
 
 def _primitive(name: str, run, out_axes=_every_output) -> Primitive:
@@ -168,6 +191,7 @@ _jvp_p = _primitive("attention_jvp", _run_jvp, _tangents_only)
 _tangent_p = _primitive("attention_tangent", _run_tangent)
 _backward_p = _primitive("attention_backward", _run_backward)
 _hessian_p = _primitive("attention_hessian", _run_hessian)
+_backward_jvp_p = _primitive("attention_backward_jvp", _run_backward_jvp, _backward_and_tangents)
 
 
 def _levels(vmapped, *spans):
@@ -232,52 +256,77 @@ def _attention_jvp(primals, tangents, *, kernel, trees, vmapped):
 
 
 # Where a jvp is split into a known primal part and a staged linear part (`grad`, `linearize`,
-# `jax.checkpoint`, `scan`), the one pass splits into the forward pass (known) and the
-# tangent (staged, linear in dx, transposed into the backward pass).
-def _jvp_partial_eval(trace, *tracers, kernel, trees, vmapped):
-    params = dict(kernel=kernel, trees=trees)
+# `jax.checkpoint`, `scan`), a one-pass jvp primitive splits into its value (known) and its
+# linear tangent (staged, and transposed in reverse mode). `split(trees, vmapped)` gives
+# `(k, known, known_levels, m, staged, staged_levels, arrange)`: the first `k` arguments are
+# the primal ones, `known` computes the first `m` outputs from them, `staged` the others
+# from `arrange(primal arguments, primal outputs, tangent arguments)`.
+def _partial_eval_rules(p: Primitive, split):
+    def on_tracers(trace, *tracers, kernel, trees, vmapped):
+        params = dict(kernel=kernel, trees=trees)
+        k, known_p, known_levels, _, staged_p, staged_levels, arrange = split(trees, vmapped)
+        known = [t.pval.get_known() for t in tracers[:k]]
+        if any(c is None for c in known):
+            return trace.default_process_primitive(p, tracers, dict(params, vmapped=vmapped))
+        values = known_p.bind(*known, **params, vmapped=known_levels)
+        values = [trace.new_const(v) for v in values]
+        args = arrange(tracers[:k], values, tracers[k:])
+        tangents = trace.default_process_primitive(
+            staged_p, args, dict(params, vmapped=staged_levels)
+        )
+        return [*values, *tangents]
+
+    def on_jaxpr(saveable, unks_in, inst_in, eqn):
+        del saveable  # the values are O(T): always kept for the staged tangent
+        trees, vmapped = eqn.params["trees"], eqn.params["vmapped"]
+        k, known_p, known_levels, m, staged_p, staged_levels, arrange = split(trees, vmapped)
+        num_out = len(eqn.outvars)
+        if not any(unks_in):
+            return eqn, None, [False] * num_out, [False] * num_out, []
+        missing = [
+            v for v, inst in zip(eqn.invars, inst_in, strict=True)
+            if not inst and isinstance(v, Var)
+        ]  # fmt: skip
+        if any(unks_in[:k]):
+            return None, eqn, [True] * num_out, [True] * num_out, missing
+        values = eqn.outvars[:m]
+        known = eqn.replace(
+            primitive=known_p,
+            invars=eqn.invars[:k],
+            outvars=values,
+            params=dict(eqn.params, vmapped=known_levels),
+        )
+        staged = eqn.replace(
+            primitive=staged_p,
+            invars=arrange(eqn.invars[:k], values, eqn.invars[k:]),
+            outvars=eqn.outvars[m:],
+            params=dict(eqn.params, vmapped=staged_levels),
+        )
+        # The staged tangent reads every argument (a known tangent, e.g. zeros, too).
+        residuals = missing + list(values)
+        unknown = [False] * m + [True] * (num_out - m)
+        return known, staged, unknown, [True] * num_out, residuals
+
+    pe.custom_partial_eval_rules[p] = on_tracers
+    pe.partial_eval_jaxpr_custom_rules[p] = on_jaxpr
+
+
+def _split_jvp(trees, vmapped):
     nx, n = _sizes(trees)
-    known = [t.pval.get_known() for t in tracers[:n]]
-    if any(c is None for c in known):
-        return trace.default_process_primitive(_jvp_p, tracers, dict(params, vmapped=vmapped))
-    out, lse = _attention_p.bind(*known, **params, vmapped=_levels(vmapped, slice(0, n)))
-    out, lse = trace.new_const(out), trace.new_const(lse)
-    levels = _levels(vmapped, slice(0, n), (2, slice(0, n)), slice(n, n + nx))
-    args = (*tracers[:n], out, lse, *tracers[n:])
-    t_out, t_lse = trace.default_process_primitive(_tangent_p, args, dict(params, vmapped=levels))
-    return [out, lse, t_out, t_lse]
+    return (
+        n, _attention_p, _levels(vmapped, slice(0, n)), 2,
+        _tangent_p, _levels(vmapped, slice(0, n), (2, slice(0, n)), slice(n, n + nx)),
+        lambda args, values, tangents: [*args, *values, *tangents],
+    )  # fmt: skip
 
 
-# The same split on a jaxpr (`jax.checkpoint`'s policies, `scan`'s partial evaluation).
-def _jvp_partial_eval_jaxpr(saveable, unks_in, inst_in, eqn):
-    del saveable  # (out, lse) are O(T): always kept for the staged tangent
-    nx, n = _sizes(eqn.params["trees"])
-    vmapped = eqn.params["vmapped"]
-    if not any(unks_in):
-        return eqn, None, [False] * 4, [False] * 4, []
-    residuals = [
-        v for v, inst in zip(eqn.invars, inst_in, strict=True)
-        if not inst and isinstance(v, Var)
-    ]  # fmt: skip
-    if any(unks_in[:n]):
-        return None, eqn, [True] * 4, [True] * 4, residuals
-    out, lse, t_out, t_lse = eqn.outvars
-    known = eqn.replace(
-        primitive=_attention_p,
-        invars=eqn.invars[:n],
-        outvars=[out, lse],
-        params=dict(eqn.params, vmapped=_levels(vmapped, slice(0, n))),
-    )
-    staged = eqn.replace(
-        primitive=_tangent_p,
-        invars=[*eqn.invars[:n], out, lse, *eqn.invars[n:]],
-        outvars=[t_out, t_lse],
-        params=dict(
-            eqn.params, vmapped=_levels(vmapped, slice(0, n), (2, slice(0, n)), slice(n, n + nx))
-        ),
-    )
-    residuals = [v for v in residuals if v in eqn.invars[:n]] + [out, lse]
-    return known, staged, [False, False, True, True], [True] * 4, residuals
+def _split_backward_jvp(trees, vmapped):
+    nx, n = _sizes(trees)
+    return (
+        n + 4, _backward_p, _levels(vmapped, slice(0, n + 4)), nx,
+        _hessian_p, vmapped,
+        lambda args, values, tangents: [*args, *tangents],
+    )  # fmt: skip
 
 
 # Forward over forward: differentiate the one pass's code.
@@ -321,27 +370,27 @@ def _backward_transpose(cts, *args, kernel, trees, vmapped):
     ]
 
 
-# The backward pass's derivative: along the cotangent, itself; along x, the Hessian term.
-# Tangents of its out/lse arguments are those of functions of x: `hessian` accounts for them.
+# The backward pass's derivative, in one pass with its value: along x, the Hessian term;
+# along the cotangent, itself. Tangents of its out/lse arguments are those of functions of
+# x, which the Hessian term's transpose accounts for.
 def _backward_jvp(primals, tangents, *, kernel, trees, vmapped):
     params = dict(kernel=kernel, trees=trees)
-    dx = _backward_p.bind(*primals, **params, vmapped=vmapped)
     nx, n = _sizes(trees)
-    parts = []
-    if not _all_zero(tangents[n + 2 :]):
-        cts = _instantiate(tangents[n + 2 :])
-        parts.append(_backward_p.bind(*primals[: n + 2], *cts, **params, vmapped=vmapped))
-    if not _all_zero(tangents[:nx]):
-        u = _instantiate(tangents[:nx] + tangents[n : n + 2])
-        levels = _levels(vmapped, slice(0, n + 4), slice(0, nx), slice(n, n + 2))
-        parts.append(_hessian_p.bind(*primals, *u, **params, vmapped=levels))
-    if not parts:
+    u, dct = tangents[:nx] + tangents[n : n + 2], tangents[n + 2 :]
+    if _all_zero(u) and _all_zero(dct):
+        dx = _backward_p.bind(*primals, **params, vmapped=vmapped)
         return dx, [ad.Zero.from_primal_value(d) for d in dx]
-    return dx, [sum(ts) for ts in zip(*parts, strict=True)]
+    spans = [slice(0, n + 4), slice(0, nx), slice(n, n + 2)]
+    args = [*primals, *_instantiate(u)]
+    if not _all_zero(dct):
+        spans, args = spans + [slice(n + 2, n + 4)], args + _instantiate(dct)
+    outs = _backward_jvp_p.bind(*args, **params, vmapped=_levels(vmapped, *spans))
+    return outs[:nx], outs[nx:]
 
 
 # The Hessian term is symmetric in u: its transpose is itself. Its (du_out, du_lse) are
-# J(x) u; their share of the transpose is in the full Hessian, so theirs is zero.
+# J(x) u; their share of the transpose is in the full Hessian, so theirs is zero. Along
+# the cotangent's tangent (when given) it is the backward pass, whose transpose is J(x).
 def _hessian_transpose(cts, *args, kernel, trees, vmapped):
     params = dict(kernel=kernel, trees=trees)
     nx, n = _sizes(trees)
@@ -349,15 +398,15 @@ def _hessian_transpose(cts, *args, kernel, trees, vmapped):
     if _all_zero(cts):
         return [None] * len(args)
     w = _instantiate(cts)
-    levels = _levels(vmapped, slice(0, n + 2), nx)
-    dw = _tangent_p.bind(*args[: n + 2], *w, **params, vmapped=levels)
+    tangent_levels = _levels(vmapped, slice(0, n + 2), nx)
+    dw = _tangent_p.bind(*args[: n + 2], *w, **params, vmapped=tangent_levels)
     levels = _levels(vmapped, slice(0, n + 4), nx, 2)
     hw = _hessian_p.bind(*args[: n + 4], *w, *dw, **params, vmapped=levels)
-    return (
-        [None] * (n + 4)
-        + [_fit(h, levels, vmapped, n + 4 + i) for i, h in enumerate(hw)]
-        + [None, None]
-    )
+    cts = [None] * (n + 4) + [_fit(h, levels, vmapped, n + 4 + i) for i, h in enumerate(hw)]
+    cts += [None, None]
+    if len(args) > n + 6 + nx:  # the cotangent's tangent is an argument
+        cts += [_fit(d, tangent_levels, vmapped, n + 6 + nx + i) for i, d in enumerate(dw)]
+    return cts
 
 
 # Third order and beyond, forward mode: differentiate the Hessian term's code.
@@ -366,13 +415,19 @@ def _hessian_jvp(primals, tangents, *, kernel, trees, vmapped):
     return jax.jvp(fn, list(primals), _instantiate(tangents))
 
 
+def _backward_jvp_jvp(primals, tangents, *, kernel, trees, vmapped):
+    fn = _batched(_run_backward_jvp, kernel, trees, vmapped, _backward_and_tangents)
+    return jax.jvp(fn, list(primals), _instantiate(tangents))
+
+
 ad.primitive_jvps[_attention_p] = _attention_jvp
 ad.primitive_jvps[_jvp_p] = _jvp_jvp
-pe.custom_partial_eval_rules[_jvp_p] = _jvp_partial_eval
-pe.partial_eval_jaxpr_custom_rules[_jvp_p] = _jvp_partial_eval_jaxpr
+_partial_eval_rules(_jvp_p, _split_jvp)
 ad.primitive_jvps[_tangent_p] = _tangent_jvp
 ad.primitive_transposes[_tangent_p] = _tangent_transpose
 ad.primitive_jvps[_backward_p] = _backward_jvp
 ad.primitive_transposes[_backward_p] = _backward_transpose
 ad.primitive_jvps[_hessian_p] = _hessian_jvp
+ad.primitive_jvps[_backward_jvp_p] = _backward_jvp_jvp
+_partial_eval_rules(_backward_jvp_p, _split_backward_jvp)
 ad.primitive_transposes[_hessian_p] = _hessian_transpose
