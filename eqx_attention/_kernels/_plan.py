@@ -18,7 +18,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
-from jaxtyping import Array, Int
+from jaxtyping import Array, Bool, Int
 
 from .._spec import AttentionSpec, dense_block
 
@@ -181,16 +181,21 @@ def run_plan(count, index, step, carry):
     """Fold `step(block, needs_mask, carry)` over a plan's full, then partial, blocks."""
     for kind, needs_mask in ((0, False), (1, True)):
 
-        def body(j, c, kind=kind, needs_mask=needs_mask):
-            return step(index[kind, j], needs_mask, c)
+        def gathered(c, kind=kind, needs_mask=needs_mask):
+            def body(j, c):
+                return step(index[kind, j], needs_mask, c)
 
-        carry = jax.lax.fori_loop(0, count[kind], body, carry)
+            return jax.lax.fori_loop(0, count[kind], body, c)
+
+        carry = _as_range_if_shared(
+            count[kind], index[kind], needs_mask, step, gathered, carry, whole_as_scan=True
+        )
     return carry
 
 
 def run_plan_shared(count, index, step, carry):
     """As [`run_plan`][], with one loop for a whole batch: `step(block, needs_mask, valid,
-    carry)`, which must leave `carry` as it is where `valid` is False.
+    carry)`, which must leave `carry` as it is where `valid` is False (`None`: all valid).
 
     Under `vmap` the loop runs as long as the batch's longest list; entries past an example's
     own count are not its blocks (`valid` is False). With per-example trip counts, `vmap`
@@ -200,18 +205,59 @@ def run_plan_shared(count, index, step, carry):
     for kind, needs_mask in ((0, False), (1, True)):
         own = count[kind]
 
-        def body(j, c, kind=kind, needs_mask=needs_mask, own=own):
-            return step(index[kind, j], needs_mask, j < own, c)
+        def gathered(c, kind=kind, needs_mask=needs_mask, own=own):
+            def body(j, c):
+                return step(index[kind, j], needs_mask, j < own, c)
 
-        carry = jax.lax.fori_loop(0, batch_max(own), body, carry)
+            return jax.lax.fori_loop(0, batch_max(own), body, c)
+
+        def ranged(block, needs_mask, c):
+            return step(block, needs_mask, None, c)
+
+        carry = _as_range_if_shared(own, index[kind], needs_mask, ranged, gathered, carry)
     return carry
+
+
+def _as_range_if_shared(
+    count, index, needs_mask: bool, step, gathered, carry, whole_as_scan: bool = False
+):
+    """`gathered(carry)`, or the same blocks as a range of loop indices where every example of
+    the batch has the same list and it is a range (as when nothing can be skipped).
+
+    A plan's block indices are per-example data: under `vmap`, a block read at such an index
+    is a gather, and an accumulation into `dq` a scatter. A range shared by the batch needs
+    neither. The test is a few comparisons, and its outcome is one value for the whole batch,
+    so `lax.cond` runs one branch even under `vmap`.
+    """
+    first = jnp.where(count > 0, index[0], 0)
+    positions = jnp.arange(index.shape[0])
+    is_range = jnp.all((positions >= count) | (index == first + positions))
+    shared = (
+        batch_all(is_range)
+        & (batch_min(first) == batch_max(first))
+        & (batch_min(count) == batch_max(count))
+    )
+    start, stop = batch_min(first), batch_min(first) + batch_min(count)
+    num = index.shape[0]
+
+    def ranged(c):
+        return jax.lax.fori_loop(start, stop, lambda block, c: step(block, needs_mask, c), c)
+
+    def every_block(c):
+        # A trip count known when compiling lets XLA schedule the loop as a scan.
+        return jax.lax.fori_loop(0, num, lambda block, c: step(block, needs_mask, c), c)
+
+    if not whole_as_scan:
+        return jax.lax.cond(shared, ranged, gathered, carry)
+    branch = jnp.where(shared, jnp.where((start == 0) & (stop == num), 0, 1), 2)
+    return jax.lax.switch(branch, (every_block, ranged, gathered), carry)
 
 
 def _shared_by_the_batch(reduce):
     """The identity on one example; under `vmap`, `reduce` over the batch, unbatched."""
 
     @custom_vmap
-    def shared(bound: Int[Array, ""]) -> Int[Array, ""]:
+    def shared(bound: Int[Array, ""] | Bool[Array, ""]) -> Int[Array, ""] | Bool[Array, ""]:
         return bound
 
     @shared.def_vmap
@@ -227,3 +273,4 @@ def _shared_by_the_batch(reduce):
 # outside an example's own range.
 batch_min = _shared_by_the_batch(jnp.min)
 batch_max = _shared_by_the_batch(jnp.max)
+batch_all = _shared_by_the_batch(jnp.all)
