@@ -2,8 +2,10 @@
 
 Forward: for each query block, an online softmax over only the key blocks it can see
 (causal/window structure decides the range, so masked-out blocks are skipped, not zeroed).
-Backward: a `jax.custom_vjp` that recomputes each block from the saved log-sum-exp instead
-of storing probabilities, using `delta = rowsum(dO * O)`. Memory is O(q_seq * block).
+Backward: recomputes each block from the saved log-sum-exp instead of storing
+probabilities, using `delta = rowsum(dO * O)`. Memory is O(q_seq * block). The two passes
+make a `Kernel` (`_autodiff.py`), which builds every other derivative from them: forward
+mode and second order.
 """
 
 import dataclasses
