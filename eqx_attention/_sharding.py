@@ -540,8 +540,10 @@ def _ring_bwd(config: _Config, residuals, d_out):
                 dq_step, dk_step, dv_step, _, dmod_step = block_backward(
                     q_tiles[i], k_blk, v_blk, do_tiles[i], lse_tiles[i], delta_tiles[i],
                     spec, q_idx[i], kvi, None, visible,
+                    jnp.swapaxes(q_tiles[i], -1, -2), jnp.swapaxes(do_tiles[i], -1, -2),
                 )  # fmt: skip
                 dmod = jax.tree.map(jnp.add, dmod, dmod_step)
+                dk_step, dv_step = jnp.swapaxes(dk_step, -1, -2), jnp.swapaxes(dv_step, -1, -2)
                 return dq_i + dq_step, dmod, dk + dk_step, dv + dv_step
 
             def visit(i, needs_mask, acc):

@@ -298,6 +298,9 @@ def _backward(
     width_k, ratio = fine_k, block_k // fine_k
     padded = Sp > spec.kv_seq
 
+    # Transposed once here, so that each block's key gradients read them in order.
+    q_t, d_out_t = jnp.swapaxes(q, 2, 3), jnp.swapaxes(d_out, 2, 3)
+
     def one_kv_block(acc, j):
         dq, dbias, dmod = acc
         kv_start = j * width_k
@@ -312,6 +315,9 @@ def _backward(
                 jax.lax.dynamic_slice_in_dim(x, q_start, width, axis=2)
                 for x in (q, d_out, lse, delta)
             ]
+            columns = [
+                jax.lax.dynamic_slice_in_dim(x, q_start, width, axis=3) for x in (q_t, d_out_t)
+            ]
             mask_blk = dense_block(spec.mask, q_start, width, kv_start, width_k)
             bias_blk = dense_block(bias, q_start, width, kv_start, width_k)
             # Which key block holds the padding is only known at run time: check every block,
@@ -319,7 +325,7 @@ def _backward(
             may_pad = padded and (needs_mask or plan is None)
             visible = _visible(spec, needs_mask, q_idx, kv_idx, mask_blk, may_pad)
             grads = block_backward(
-                rows[0], k_blk, v_blk, *rows[1:], spec, q_idx, kv_idx, bias_blk, visible
+                rows[0], k_blk, v_blk, *rows[1:], spec, q_idx, kv_idx, bias_blk, visible, *columns
             )
             if valid is not None:
                 # Not one of this example's blocks (the batch shares the plan's loop).
@@ -331,8 +337,9 @@ def _backward(
             dmod = jax.tree.map(jnp.add, dmod, dmod_blk)
             return dq, dbias, dmod, dk_blk + dk_step, dv_blk + dv_step
 
-        zeros_k = jnp.zeros(k_blk.shape, jnp.float32)
-        zeros_v = jnp.zeros(v_blk.shape, jnp.float32)
+        # The key gradients accumulate transposed, [1, size, width_k] (see block_backward).
+        zeros_k = jnp.zeros(jnp.swapaxes(k_blk, 1, 2).shape, jnp.float32)
+        zeros_v = jnp.zeros(jnp.swapaxes(v_blk, 1, 2).shape, jnp.float32)
         carry = (dq, dbias, dmod, zeros_k, zeros_v)
         if plan is None:
             ranges = spec.q_ranges(kv_start, width_k)
@@ -354,9 +361,9 @@ def _backward(
     (dq, dbias, dmod), (dk, dv) = jax.lax.scan(
         one_kv_block, (dq0, dbias0, dmod0), jnp.arange(Sp // width_k)
     )
-    # [num_k, K, bk, ...] -> [K, num_k * bk, ...]
-    dk = jnp.moveaxis(dk, 0, 1).reshape((1,) + k.shape[1:])
-    dv = jnp.moveaxis(dv, 0, 1).reshape((1,) + v.shape[1:])
+    # [num_k, K, size, bk] -> [K, num_k * bk, size]
+    dk = jnp.moveaxis(jnp.swapaxes(dk, 2, 3), 0, 1).reshape((1,) + k.shape[1:])
+    dv = jnp.moveaxis(jnp.swapaxes(dv, 2, 3), 0, 1).reshape((1,) + v.shape[1:])
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, dmod
 
 
