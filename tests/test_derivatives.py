@@ -164,6 +164,44 @@ def test_grad_of_grad_matches_reference(option, small_blocks, getkey):
     _close(jax.jit(lambda: penalty("chunked"))(), penalty("xla"), TOL2)
 
 
+@pytest.mark.parametrize("option", ["plain", "causal", "softcap_sinks", "alibi", "lengths"])
+def test_grad_of_jvp_matches_reference(option, small_blocks, getkey):
+    """Reverse over forward: `grad` of a loss on a Jacobian-vector product (as in
+    physics-informed losses), with respect to the inputs and the tangent."""
+    primals, tangents, batch = _problem(getkey(), option)
+
+    def grads(implementation):
+        def loss(primals, tangents):
+            out, t_out = jax.jvp(batch(implementation), primals, tangents)
+            return jnp.sum(jnp.sin(out) * t_out) + jnp.sum(t_out**2)
+
+        return jax.grad(loss, argnums=(0, 1))(primals, tangents)
+
+    _close(jax.jit(lambda: grads("chunked"))(), grads("xla"), TOL2)
+
+
+def test_derivatives_along_what_only_masks_see_are_zero(small_blocks, getkey):
+    """A float that only `mask_mod` reads moves no output: zero tangents and second
+    derivatives, not an error."""
+    primals, _, batch = _problem(getkey(), "plain")
+    q, k, v, _ = primals
+
+    def attend(threshold):
+        def one(q, k, v):
+            return ea.dot_product_attention(
+                q, k, v, mask_mod=lambda qp, kp: kp <= qp + threshold, implementation="chunked"
+            )
+
+        return jax.vmap(one)(q, k, v)
+
+    threshold = jnp.float32(2.5)
+    _, tangent = jax.jvp(attend, (threshold,), (jnp.float32(1.0),))
+    assert not jnp.any(tangent)
+    grad = jax.grad(lambda q, t: jnp.sum(jnp.sin(attend(t) * q)))
+    _, hvp = jax.jvp(lambda t: grad(q, t), (threshold,), (jnp.float32(1.0),))
+    assert not jnp.any(hvp)
+
+
 def test_derivatives_inside_vmap(small_blocks, getkey):
     """The other nesting: `vmap` of per-example `jvp`, HVP and grad of grad."""
     q, k, v = (

@@ -1,21 +1,26 @@
 """Every derivative of a kernel whose backward pass is written by hand.
 
 A `jax.custom_vjp` gives reverse mode only: `jvp` of it raises, and so does `grad` of its
-backward pass wherever that loops with `lax.while_loop`. Here a kernel is instead four JAX
+backward pass wherever that loops with `lax.while_loop`. Here a kernel is instead a few JAX
 primitives, each with the rules that make the others' derivatives:
 
 - `attention(x) = (out, lse)`, the kernel's forward pass;
 - `tangent(x; dx) = J(x) dx`, its Jacobian-vector product (forward mode);
 - `backward(x; ct) = J(x)^T ct`, its hand-written backward pass (reverse mode);
-- `hessian(x, ct; u) = d/de backward(x + e u; ct)`, the backward pass's own derivative.
+- `hessian(x, ct; u) = d/de backward(x + e u; ct)`, the backward pass's own derivative;
+- `second(x, dx; dy) = d/de tangent(x + e dy; dx)`, the tangent's own derivative.
 
 `jvp` of `attention` is `tangent`. Reverse mode transposes `tangent`, which is linear in
 `dx`: its transpose is `backward`. `backward` is linear in `ct`, with `tangent` as its
 transpose, and its derivative in `x` is `hessian`. As the second derivative of the scalar
-`<ct, attention(x)>`, `hessian` is symmetric in `u`, so it is its own transpose. So `jvp`,
-`grad`, `jvp` of `grad` (Hessian-vector products) and `grad` of `grad` all run the kernels'
-own blockwise loops, in O(T) memory; nothing is differentiated through a `while_loop` in
-reverse. Third and higher derivatives in forward mode differentiate the kernels' code.
+`<ct, attention(x)>`, `hessian` is symmetric in `u`, so it is its own transpose; for the
+same reason `second`, linear in `dy`, transposes into `hessian` along `dx`. So `jvp`,
+`grad`, `jvp` of `grad` (Hessian-vector products), `grad` of `grad` and `grad` of `jvp` all
+run the kernels' own blockwise loops, in O(T) memory; nothing is differentiated through a
+`while_loop` in reverse. Third and higher derivatives in forward mode differentiate the
+kernels' code. Two more primitives run a `jvp` in one pass (`attention` with its tangent,
+`backward` with its Hessian term) and split into those parts wherever JAX partially
+evaluates them.
 
 `x` holds the differentiable inputs (queries, keys, values, bias, sinks, `score_mod`'s
 parameters); `aux` the rest (the spec's other leaves, the block plan), which carry no
@@ -25,8 +30,9 @@ them through `x`, with one exception, `hessian`'s extra arguments `(du_out, du_l
 tangents of `(out, lse)` along `u`, which the caller already has (`J(x) u`).
 
 Under `jax.vmap` a primitive is bound again with one more level of `vmapped`: per level,
-which arguments carry that batch axis (moved to the front). Outputs are batched at every
-level; a cotangent for an argument that was not is summed over that level's axis.
+which arguments carry that batch axis (moved to the front). Outputs are batched at a level
+where some argument is (`(out, lse)` of a one-pass `jvp` only where an input of the forward
+pass is); a cotangent for an argument that was not is summed over that level's axis.
 """
 
 import dataclasses
@@ -92,6 +98,15 @@ def _run_jvp(kernel, trees, *args):
 def _run_tangent(kernel, trees, *args):
     x, aux, (out, lse, *dx) = _unpack(args, trees)
     return list(kernel.tangent(x, aux, out, lse, jax.tree.unflatten(trees[0], dx)))
+
+
+def _run_second(kernel, trees, *args):
+    """`D²f(x)[dx, dy]`: the tangent along `dx`, differentiated along `dy`."""
+    nx, _ = _sizes(trees)
+    x, aux, (out, lse, *rest) = _unpack(args, trees)
+    dx, dy = (jax.tree.unflatten(trees[0], r) for r in (rest[:nx], rest[nx + 2 :]))
+    _, second = jax.jvp(lambda x: kernel.tangent(x, aux, out, lse, dx), (x,), (dy,))
+    return list(second)
 
 
 def _run_backward(kernel, trees, *args):
@@ -191,6 +206,7 @@ _jvp_p = _primitive("attention_jvp", _run_jvp, _tangents_only)
 _tangent_p = _primitive("attention_tangent", _run_tangent)
 _backward_p = _primitive("attention_backward", _run_backward)
 _hessian_p = _primitive("attention_hessian", _run_hessian)
+_second_p = _primitive("attention_second", _run_second)
 _backward_jvp_p = _primitive("attention_backward_jvp", _run_backward_jvp, _backward_and_tangents)
 
 
@@ -222,6 +238,11 @@ def _fit(ct, made_under, vmapped, index: int):
     return jnp.sum(ct, axis=tuple(axes)) if axes else ct
 
 
+def _zero_like(primal):
+    """A symbolic zero tangent for `primal`."""
+    return ad.Zero(jax.typeof(primal).to_tangent_aval())
+
+
 def _instantiate(tangents):
     return [ad.instantiate_zeros(t) for t in tangents]
 
@@ -248,7 +269,7 @@ def _attention_jvp(primals, tangents, *, kernel, trees, vmapped):
     nx, n = _sizes(trees)
     if _all_zero(tangents[:nx]):
         out, lse = _attention_p.bind(*primals, kernel=kernel, trees=trees, vmapped=vmapped)
-        return [out, lse], [ad.Zero.from_primal_value(out), ad.Zero.from_primal_value(lse)]
+        return [out, lse], [_zero_like(out), _zero_like(lse)]
     levels = _levels(vmapped, slice(0, n), slice(0, nx))
     dx = _instantiate(tangents[:nx])
     out, lse, t_out, t_lse = _jvp_p.bind(*primals, *dx, kernel=kernel, trees=trees, vmapped=levels)
@@ -329,9 +350,58 @@ def _split_backward_jvp(trees, vmapped):
     )  # fmt: skip
 
 
-# Forward over forward: differentiate the one pass's code.
+# The one pass's derivative: along x, the tangent for (out, lse); for their tangents, the
+# tangent along the new direction of dx plus the second derivative along (dx, new x). Each
+# part is linear in the new directions and has a transpose, so `grad` of `jvp` (reverse over
+# forward) runs blockwise too.
 def _jvp_jvp(primals, tangents, *, kernel, trees, vmapped):
-    fn = _batched(_run_jvp, kernel, trees, vmapped, _tangents_only)
+    params = dict(kernel=kernel, trees=trees)
+    nx, n = _sizes(trees)
+    outs = _jvp_p.bind(*primals, **params, vmapped=vmapped)
+    out, lse, t_out, t_lse = outs
+    dy, d_dx = tangents[:nx], tangents[n:]
+    args = (*primals[:n], out, lse)
+    values = (2, slice(0, n))  # out and lse: batched where an input of the forward pass is
+    zeros = [_zero_like(o) for o in outs]
+    d_values, d_tangents = zeros[:2], zeros[2:]
+    if not _all_zero(dy):
+        dy = _instantiate(dy)
+        levels = _levels(vmapped, slice(0, n), values, slice(0, nx))
+        d_values = _tangent_p.bind(*args, *dy, **params, vmapped=levels)
+        levels = _levels(vmapped, slice(0, n), values, slice(n, n + nx), 2, slice(0, nx))
+        d_tangents = _second_p.bind(
+            *args, *primals[n:], t_out, t_lse, *dy, **params, vmapped=levels
+        )
+    if not _all_zero(d_dx):
+        levels = _levels(vmapped, slice(0, n), values, slice(n, n + nx))
+        along = _tangent_p.bind(*args, *_instantiate(d_dx), **params, vmapped=levels)
+        d_tangents = along if isinstance(d_tangents[0], ad.Zero) else [
+            a + b for a, b in zip(along, d_tangents, strict=True)
+        ]  # fmt: skip
+    return outs, [*d_values, *d_tangents]
+
+
+# The second derivative D²f(x)[dx, dy] is linear in dy. For cotangents w it transposes into
+# ∂ₓ(J(x)ᵀ w)·dx, the Hessian term along dx, by the symmetry of second derivatives.
+def _second_transpose(cts, *args, kernel, trees, vmapped):
+    params = dict(kernel=kernel, trees=trees)
+    nx, n = _sizes(trees)
+    _defined(args, n + 4 + nx, "second derivative")
+    if _all_zero(cts):
+        return [None] * len(args)
+    # Arguments: x, aux, out, lse (n + 2), dx (nx), t_out, t_lse (2), then dy.
+    levels = _levels(
+        vmapped, slice(0, n + 2), 2, slice(n + 2, n + 2 + nx), slice(n + 2 + nx, n + 4 + nx)
+    )
+    hw = _hessian_p.bind(
+        *args[: n + 2], *_instantiate(cts), *args[n + 2 : n + 4 + nx], **params, vmapped=levels
+    )
+    first = n + 4 + nx
+    return [None] * first + [_fit(h, levels, vmapped, first + i) for i, h in enumerate(hw)]
+
+
+def _second_jvp(primals, tangents, *, kernel, trees, vmapped):
+    fn = _batched(_run_second, kernel, trees, vmapped, _every_output)
     return jax.jvp(fn, list(primals), _instantiate(tangents))
 
 
@@ -379,7 +449,7 @@ def _backward_jvp(primals, tangents, *, kernel, trees, vmapped):
     u, dct = tangents[:nx] + tangents[n : n + 2], tangents[n + 2 :]
     if _all_zero(u) and _all_zero(dct):
         dx = _backward_p.bind(*primals, **params, vmapped=vmapped)
-        return dx, [ad.Zero.from_primal_value(d) for d in dx]
+        return dx, [_zero_like(d) for d in dx]
     spans = [slice(0, n + 4), slice(0, nx), slice(n, n + 2)]
     args = [*primals, *_instantiate(u)]
     if not _all_zero(dct):
@@ -428,6 +498,8 @@ ad.primitive_transposes[_tangent_p] = _tangent_transpose
 ad.primitive_jvps[_backward_p] = _backward_jvp
 ad.primitive_transposes[_backward_p] = _backward_transpose
 ad.primitive_jvps[_hessian_p] = _hessian_jvp
+ad.primitive_jvps[_second_p] = _second_jvp
+ad.primitive_transposes[_second_p] = _second_transpose
 ad.primitive_jvps[_backward_jvp_p] = _backward_jvp_jvp
 _partial_eval_rules(_backward_jvp_p, _split_backward_jvp)
 ad.primitive_transposes[_hessian_p] = _hessian_transpose
