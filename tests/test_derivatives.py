@@ -377,3 +377,18 @@ def test_scan_over_layers_and_a_module(small_blocks, getkey):
         return grad, jvp, gg
 
     _close(jax.jit(lambda: derivatives("chunked"))(), derivatives("xla"), TOL2)
+
+
+def test_forward_mode_to_third_order(small_blocks, getkey):
+    """`jvp` of `jvp` (second order) and of that again (third), against the reference."""
+    primals, tangents, batch = _problem(getkey(), "causal")
+
+    def derivatives(implementation):
+        def along(f):
+            return lambda *p: jax.jvp(f, p, tangents)[1]
+
+        first = along(batch(implementation))
+        second = along(first)
+        return first(*primals), second(*primals), along(second)(*primals)
+
+    _close(jax.jit(lambda: derivatives("chunked"))(), derivatives("xla"), TOL2)

@@ -400,11 +400,6 @@ def _second_transpose(cts, *args, kernel, trees, vmapped):
     return [None] * first + [_fit(h, levels, vmapped, first + i) for i, h in enumerate(hw)]
 
 
-def _second_jvp(primals, tangents, *, kernel, trees, vmapped):
-    fn = _batched(_run_second, kernel, trees, vmapped, _every_output)
-    return jax.jvp(fn, list(primals), _instantiate(tangents))
-
-
 # The tangent is linear in dx, with the backward pass as its transpose.
 def _tangent_transpose(cts, *args, kernel, trees, vmapped):
     nx, n = _sizes(trees)
@@ -416,12 +411,6 @@ def _tangent_transpose(cts, *args, kernel, trees, vmapped):
         *args[: n + 2], *_instantiate(cts), kernel=kernel, trees=trees, vmapped=levels
     )
     return [None] * (n + 2) + [_fit(d, levels, vmapped, n + 2 + i) for i, d in enumerate(dx)]
-
-
-# Forward over forward: differentiate the tangent's code (its out/lse tangents are exact).
-def _tangent_jvp(primals, tangents, *, kernel, trees, vmapped):
-    fn = _batched(_run_tangent, kernel, trees, vmapped, _every_output)
-    return jax.jvp(fn, list(primals), _instantiate(tangents))
 
 
 # The backward pass is linear in the cotangent, with the tangent as its transpose.
@@ -479,27 +468,26 @@ def _hessian_transpose(cts, *args, kernel, trees, vmapped):
     return cts
 
 
-# Third order and beyond, forward mode: differentiate the Hessian term's code.
-def _hessian_jvp(primals, tangents, *, kernel, trees, vmapped):
-    fn = _batched(_run_hessian, kernel, trees, vmapped, _every_output)
-    return jax.jvp(fn, list(primals), _instantiate(tangents))
+# Derivatives the rules above do not build (forward mode over the tangent, the Hessian term,
+# the second derivative or a one-pass backward jvp: third order) differentiate the code.
+def _differentiate_code(run, out_axes=_every_output):
+    def jvp(primals, tangents, *, kernel, trees, vmapped):
+        fn = _batched(run, kernel, trees, vmapped, out_axes)
+        return jax.jvp(fn, list(primals), _instantiate(tangents))
 
-
-def _backward_jvp_jvp(primals, tangents, *, kernel, trees, vmapped):
-    fn = _batched(_run_backward_jvp, kernel, trees, vmapped, _backward_and_tangents)
-    return jax.jvp(fn, list(primals), _instantiate(tangents))
+    return jvp
 
 
 ad.primitive_jvps[_attention_p] = _attention_jvp
 ad.primitive_jvps[_jvp_p] = _jvp_jvp
 _partial_eval_rules(_jvp_p, _split_jvp)
-ad.primitive_jvps[_tangent_p] = _tangent_jvp
+ad.primitive_jvps[_tangent_p] = _differentiate_code(_run_tangent)
 ad.primitive_transposes[_tangent_p] = _tangent_transpose
 ad.primitive_jvps[_backward_p] = _backward_jvp
 ad.primitive_transposes[_backward_p] = _backward_transpose
-ad.primitive_jvps[_hessian_p] = _hessian_jvp
-ad.primitive_jvps[_second_p] = _second_jvp
+ad.primitive_jvps[_hessian_p] = _differentiate_code(_run_hessian)
+ad.primitive_jvps[_second_p] = _differentiate_code(_run_second)
 ad.primitive_transposes[_second_p] = _second_transpose
-ad.primitive_jvps[_backward_jvp_p] = _backward_jvp_jvp
+ad.primitive_jvps[_backward_jvp_p] = _differentiate_code(_run_backward_jvp, _backward_and_tangents)
 _partial_eval_rules(_backward_jvp_p, _split_backward_jvp)
 ad.primitive_transposes[_hessian_p] = _hessian_transpose
