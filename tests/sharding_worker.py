@@ -193,6 +193,42 @@ def zigzag_explicit_check():
     }
 
 
+def shard_map_check():
+    """The blockwise kernel inside `shard_map` with `check_vma=True`, the batch split over 8
+    devices: output, `grad`, `jvp` and an HVP equal one device's."""
+    q = jax.random.normal(jax.random.key(3), (8, 40, 4, 8))
+    kv = jax.random.normal(jax.random.key(4), (8, 40, 2, 8))
+
+    def attend(q):
+        def one(q, kv):
+            return eqx_attention.dot_product_attention(
+                q, kv, kv, is_causal=True, implementation="chunked"
+            )
+
+        return jax.vmap(one)(q, kv)
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+
+    def derivatives(fn):
+        loss = lambda q: jnp.sum(jnp.sin(fn(q)))  # noqa: E731
+        return (
+            fn(q),
+            jax.grad(loss)(q),
+            jax.jvp(fn, (q,), (q,))[1],
+            jax.jvp(jax.grad(loss), (q,), (q,))[1],
+        )
+
+    def sharded(q):
+        local = lambda q, kv: jax.vmap(  # noqa: E731
+            lambda q, kv: eqx_attention.dot_product_attention(
+                q, kv, kv, is_causal=True, implementation="chunked"
+            )
+        )(q, kv)
+        return jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P("data"))(q, kv)
+
+    return max_diff(jax.jit(lambda: derivatives(sharded))(), derivatives(attend))
+
+
 def main():
     results = {
         "ring_gqa_batched_tiles": ring_check("gqa", batch=2, block_sizes=(4, 4), scale=0.3),
@@ -218,6 +254,7 @@ def main():
         ),
         "zigzag_explicit": zigzag_explicit_check(),
         "data_parallel": training_check((8,), None),
+        "shard_map_derivatives": shard_map_check(),
         "data_and_head_parallel": training_check((4, 2), "model"),
     }
     json.dump(results, sys.stdout)

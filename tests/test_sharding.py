@@ -47,6 +47,8 @@ def test_multi_device():
     # Two optimiser steps with the batch sharded over 8 devices, then over 4 with the heads
     # split over the other 2, equal two steps on one device.
     assert results["data_parallel"]["diff"] < 1e-5, results["data_parallel"]
+    # The blockwise kernel inside `shard_map` (check_vma=True): forward, grad, jvp and HVP.
+    assert results["shard_map_derivatives"] < 1e-4, results["shard_map_derivatives"]
     heads = results["data_and_head_parallel"]
     assert heads["diff"] < 1e-5, heads
     # The heads stay split through the optimiser step, and the forward pass never gathers

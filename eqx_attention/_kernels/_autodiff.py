@@ -185,7 +185,16 @@ def _primitive(name: str, run, out_axes=_every_output) -> Primitive:
         outs = jax.eval_shape(
             functools.partial(evaluate, kernel=kernel, trees=trees, vmapped=vmapped), *avals
         )
-        return [jax.core.ShapedArray(o.shape, o.dtype) for o in outs]
+        # Inside `shard_map`, an output varies over every mesh axis some input varies over.
+        varying = frozenset().union(*(a.mat.varying for a in avals))
+        if not varying:
+            return [jax.core.ShapedArray(o.shape, o.dtype) for o in outs]
+        mat = avals[0].mat.update(varying=varying)
+        sharding = jax.sharding.NamedSharding(avals[0].sharding.mesh, jax.sharding.PartitionSpec())
+        return [
+            jax.core.ShapedArray(o.shape, o.dtype, sharding=sharding, manual_axis_type=mat)
+            for o in outs
+        ]
 
     def batch(args, dims, **params):
         flags = tuple(d is not None for d in dims)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._spec import AttentionSpec, dense_block, replace
+from .._vma import vary, vma
 from ._autodiff import Kernel, attention
 from ._blocks import (
     block_backward,
@@ -195,7 +196,8 @@ def _forward(q, k, v, bias, spec: AttentionSpec, plan: BlockPlan | None, blocks)
             visible = _visible(spec, needs_mask, q_idx, kv_idx, mask_blk, may_pad)
             return block_forward(carry, q_blk, k_blk, v_blk, spec, q_idx, kv_idx, bias_blk, visible)
 
-        carry = init_carry(q_blk, vo_size)
+        # Fresh state varies over the mesh axes its inputs do (inside `shard_map`).
+        carry = vary(init_carry(q_blk, vo_size), vma(q, k, v, bias, spec, plan))
         if plan is None:
             carry = _run_blocks(spec.kv_ranges(q_start, block_q), block_k, fine_k, step, carry)
         else:
@@ -340,6 +342,7 @@ def _backward(
         # The key gradients accumulate transposed, [1, size, width_k] (see block_backward).
         zeros_k = jnp.zeros(jnp.swapaxes(k_blk, 1, 2).shape, jnp.float32)
         zeros_v = jnp.zeros(jnp.swapaxes(v_blk, 1, 2).shape, jnp.float32)
+        zeros_k, zeros_v = vary((zeros_k, zeros_v), axes)
         carry = (dq, dbias, dmod, zeros_k, zeros_v)
         if plan is None:
             ranges = spec.q_ranges(kv_start, width_k)
@@ -354,10 +357,13 @@ def _backward(
         dq, dbias, dmod, dk_blk, dv_blk = carry
         return (dq, dbias, dmod), (dk_blk, dv_blk)
 
+    # Fresh accumulators vary over the mesh axes the inputs do (inside `shard_map`).
+    axes = vma(q, k, v, bias, spec, plan, lse, delta, d_out)
     dq0 = jnp.zeros(q.shape, jnp.float32)
     dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
     # Summed block by block in a fixed order: deterministic, and as large as the parameters.
     dmod0 = zeros_like_params(score_mod_params(spec)[0])
+    dq0, dbias0, dmod0 = vary((dq0, dbias0, dmod0), axes)
     (dq, dbias, dmod), (dk, dv) = jax.lax.scan(
         one_kv_block, (dq0, dbias0, dmod0), jnp.arange(Sp // width_k)
     )

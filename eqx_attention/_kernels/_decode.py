@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._spec import AttentionSpec, dense_block
+from .._vma import vary, vma
 from ._autodiff import Kernel, attention
 from ._blocks import block_forward, finalize, init_carry, join_differentiable, split_differentiable
 from ._plan import batch_max, batch_min
@@ -76,7 +77,9 @@ def _forward(q, k, v, bias, spec: AttentionSpec, block_k: int):
     lo, hi = _key_blocks(spec, block_k)
     # A batch shares one loop over the union of its examples' blocks; each example's mask
     # hides the blocks outside its own range.
-    carry = jax.lax.fori_loop(batch_min(lo), batch_max(hi), step, init_carry(q, v.shape[-1]))
+    # Fresh state varies over the mesh axes its inputs do (inside `shard_map`).
+    carry = vary(init_carry(q, v.shape[-1]), vma(q, k, v, bias, spec))
+    carry = jax.lax.fori_loop(batch_min(lo), batch_max(hi), step, carry)
     out, lse = finalize(carry, spec.sinks)
     return out.astype(v.dtype), lse
 
