@@ -514,6 +514,8 @@ def _ring_bwd(config: _Config, residuals, d_out):
     delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)
     # Padding query rows get a zero output gradient, so they contribute nothing below.
     q_tiles, do_tiles = tq.split(q, 2), tq.split(d_out, 2)
+    # Transposed once here: block_backward's key gradients read them in order.
+    q_tiles_t, do_tiles_t = jnp.swapaxes(q_tiles, -1, -2), jnp.swapaxes(do_tiles, -1, -2)
     lse_tiles, delta_tiles = tq.split(lse, 2, mode="edge"), tq.split(delta, 2)
     q_idx = tq.indices(me, n)
     q_seg = None if q_seg is None else tq.split(q_seg, 0, mode="edge")
@@ -539,11 +541,9 @@ def _ring_bwd(config: _Config, residuals, d_out):
                 visible = spec.visible(q_idx[i], kvi, mask) if needs_mask else None
                 dq_step, dk_step, dv_step, _, dmod_step = block_backward(
                     q_tiles[i], k_blk, v_blk, do_tiles[i], lse_tiles[i], delta_tiles[i],
-                    spec, q_idx[i], kvi, None, visible,
-                    jnp.swapaxes(q_tiles[i], -1, -2), jnp.swapaxes(do_tiles[i], -1, -2),
+                    spec, q_idx[i], kvi, None, visible, q_tiles_t[i], do_tiles_t[i],
                 )  # fmt: skip
                 dmod = jax.tree.map(jnp.add, dmod, dmod_step)
-                dk_step, dv_step = jnp.swapaxes(dk_step, -1, -2), jnp.swapaxes(dv_step, -1, -2)
                 return dq_i + dq_step, dmod, dk + dk_step, dv + dv_step
 
             def visit(i, needs_mask, acc):
@@ -556,14 +556,17 @@ def _ring_bwd(config: _Config, residuals, d_out):
                 dq_i, dmod, dk, dv = _skip_or(hidden, compute, operand)
                 return dq.at[i].set(dq_i), dmod, dk, dv
 
-            zeros = (jnp.zeros(k_blk.shape, jnp.float32), jnp.zeros(v_blk.shape, jnp.float32))
+            # The key gradients accumulate transposed, [K, size, block] (see block_backward).
+            zeros = tuple(
+                jnp.zeros(jnp.swapaxes(x, 1, 2).shape, jnp.float32) for x in (k_blk, v_blk)
+            )
             carry = (*acc, *vary(zeros, axes))
             if tiles is not None:
                 carry = run_plan(*tiles, visit, carry)
             else:
                 carry = jax.lax.fori_loop(0, tq.num_tiles, lambda i, c: visit(i, True, c), carry)
             dq, dmod, dk, dv = carry
-            return (dq, dmod), (dk, dv)
+            return (dq, dmod), (jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2))
 
         # The transpose: for each visiting key tile, the local query tiles to visit.
         tiles = None if states is None else visit_lists(states.T)
