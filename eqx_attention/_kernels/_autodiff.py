@@ -49,9 +49,8 @@ class Kernel:
     """A kernel's forward and backward passes, hashable (a primitive parameter).
 
     `forward(x, aux) -> (out, lse)`; `backward(x, aux, out, lse, ct_out, ct_lse) -> dx`, in
-    `x`'s structure and dtypes. `tangent(x, aux, out, lse, dx) -> (t_out, t_lse)` defaults to
-    `jax.jvp` of the forward pass, which carries the tangents of the online softmax's running
-    state alongside it, block by block.
+    `x`'s structure and dtypes. Forward mode is `jax.jvp` of the forward pass, which carries
+    the tangents of the online softmax's running state alongside it, block by block.
     """
 
     def forward(self, x, aux):
@@ -60,10 +59,10 @@ class Kernel:
     def backward(self, x, aux, out, lse, ct_out, ct_lse):
         raise NotImplementedError
 
-    def tangent(self, x, aux, out, lse, dx):
-        del out, lse
-        _, tangents = jax.jvp(lambda x: self.forward(x, aux), (x,), (dx,))
-        return tangents
+
+def _forward_jvp(kernel: Kernel, x, aux, dx):
+    """`((out, lse), (t_out, t_lse))`: the forward pass and its tangent along `dx`."""
+    return jax.jvp(lambda x: kernel.forward(x, aux), (x,), (dx,))
 
 
 def attention(kernel: Kernel, x, aux):
@@ -90,22 +89,23 @@ def _run_attention(kernel, trees, *args):
 
 def _run_jvp(kernel, trees, *args):
     x, aux, dx = _unpack(args, trees)
-    dx = jax.tree.unflatten(trees[0], dx)
-    primals, tangents = jax.jvp(lambda x: kernel.forward(x, aux), (x,), (dx,))
+    primals, tangents = _forward_jvp(kernel, x, aux, jax.tree.unflatten(trees[0], dx))
     return [*primals, *tangents]
 
 
+# The tangent and the second derivative take (out, lse) for their transposes, which call
+# the backward pass; their own code recomputes the forward pass inside `jax.jvp`.
 def _run_tangent(kernel, trees, *args):
-    x, aux, (out, lse, *dx) = _unpack(args, trees)
-    return list(kernel.tangent(x, aux, out, lse, jax.tree.unflatten(trees[0], dx)))
+    x, aux, (_, _, *dx) = _unpack(args, trees)
+    return list(_forward_jvp(kernel, x, aux, jax.tree.unflatten(trees[0], dx))[1])
 
 
 def _run_second(kernel, trees, *args):
     """`D²f(x)[dx, dy]`: the tangent along `dx`, differentiated along `dy`."""
     nx, _ = _sizes(trees)
-    x, aux, (out, lse, *rest) = _unpack(args, trees)
+    x, aux, (_, _, *rest) = _unpack(args, trees)
     dx, dy = (jax.tree.unflatten(trees[0], r) for r in (rest[:nx], rest[nx + 2 :]))
-    _, second = jax.jvp(lambda x: kernel.tangent(x, aux, out, lse, dx), (x,), (dy,))
+    _, second = jax.jvp(lambda x: _forward_jvp(kernel, x, aux, dx)[1], (x,), (dy,))
     return list(second)
 
 
