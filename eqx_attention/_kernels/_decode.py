@@ -75,10 +75,10 @@ def _forward(q, k, v, bias, spec: AttentionSpec, block_k: int):
         return block_forward(carry, q, k_blk, v_blk, spec, q_idx, kv_idx, bias_blk, visible)
 
     lo, hi = _key_blocks(spec, block_k)
-    # A batch shares one loop over the union of its examples' blocks; each example's mask
-    # hides the blocks outside its own range.
     # Fresh state varies over the mesh axes its inputs do (inside `shard_map`).
     carry = vary(init_carry(q, v.shape[-1]), vma(q, k, v, bias, spec))
+    # A batch shares one loop over the union of its examples' blocks; each example's mask
+    # hides the blocks outside its own range.
     carry = jax.lax.fori_loop(batch_min(lo), batch_max(hi), step, carry)
     out, lse = finalize(carry, spec.sinks)
     return out.astype(v.dtype), lse

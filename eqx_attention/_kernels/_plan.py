@@ -202,6 +202,10 @@ def run_plan_shared(count, index, step, carry):
     would instead select between the old and new carry at every step: for the backward
     pass's carry, which holds the whole `dq`, that select costs more than the block.
     """
+
+    def ranged(block, needs_mask, c):
+        return step(block, needs_mask, None, c)
+
     for kind, needs_mask in ((0, False), (1, True)):
         own = count[kind]
 
@@ -210,9 +214,6 @@ def run_plan_shared(count, index, step, carry):
                 return step(index[kind, j], needs_mask, j < own, c)
 
             return jax.lax.fori_loop(0, batch_max(own), body, c)
-
-        def ranged(block, needs_mask, c):
-            return step(block, needs_mask, None, c)
 
         carry = _as_range_if_shared(own, index[kind], needs_mask, ranged, gathered, carry)
     return carry
@@ -232,13 +233,9 @@ def _as_range_if_shared(
     first = jnp.where(count > 0, index[0], 0)
     positions = jnp.arange(index.shape[0])
     is_range = jnp.all((positions >= count) | (index == first + positions))
-    shared = (
-        batch_all(is_range)
-        & (batch_min(first) == batch_max(first))
-        & (batch_min(count) == batch_max(count))
-    )
-    start, stop = batch_min(first), batch_min(first) + batch_min(count)
-    num = index.shape[0]
+    start, length = batch_min(first), batch_min(count)
+    shared = batch_all(is_range) & (start == batch_max(first)) & (length == batch_max(count))
+    stop, num = start + length, index.shape[0]
 
     def ranged(c):
         return jax.lax.fori_loop(start, stop, lambda block, c: step(block, needs_mask, c), c)
