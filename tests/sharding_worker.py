@@ -199,17 +199,16 @@ def shard_map_check():
     q = jax.random.normal(jax.random.key(3), (8, 40, 4, 8))
     kv = jax.random.normal(jax.random.key(4), (8, 40, 2, 8))
 
-    def attend(q):
-        def one(q, kv):
-            return eqx_attention.dot_product_attention(
-                q, kv, kv, is_causal=True, implementation="chunked"
-            )
-
-        return jax.vmap(one)(q, kv)
+    def one(q, kv):
+        return eqx_attention.dot_product_attention(
+            q, kv, kv, is_causal=True, implementation="chunked"
+        )
 
     mesh = Mesh(np.array(jax.devices()), ("data",))
+    sharded = jax.shard_map(jax.vmap(one), mesh=mesh, in_specs=P("data"), out_specs=P("data"))
 
-    def derivatives(fn):
+    def derivatives(attend):
+        fn = lambda q: attend(q, kv)  # noqa: E731
         loss = lambda q: jnp.sum(jnp.sin(fn(q)))  # noqa: E731
         return (
             fn(q),
@@ -218,15 +217,7 @@ def shard_map_check():
             jax.jvp(jax.grad(loss), (q,), (q,))[1],
         )
 
-    def sharded(q):
-        local = lambda q, kv: jax.vmap(  # noqa: E731
-            lambda q, kv: eqx_attention.dot_product_attention(
-                q, kv, kv, is_causal=True, implementation="chunked"
-            )
-        )(q, kv)
-        return jax.shard_map(local, mesh=mesh, in_specs=P("data"), out_specs=P("data"))(q, kv)
-
-    return max_diff(jax.jit(lambda: derivatives(sharded))(), derivatives(attend))
+    return max_diff(jax.jit(lambda: derivatives(sharded))(), derivatives(jax.vmap(one)))
 
 
 def main():

@@ -123,6 +123,11 @@ def _loss(attention):
     return lambda *args: jnp.sum(jnp.sin(attention(*args)))
 
 
+def _squared_norm(tree):
+    """A gradient penalty: the sum of squares of every leaf."""
+    return sum(jnp.sum(g**2) for g in jax.tree.leaves(tree))
+
+
 def _close(a, b, tol):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=tol, atol=tol * max(1.0, float(jnp.max(jnp.abs(y)))))
@@ -157,7 +162,7 @@ def test_grad_of_grad_matches_reference(option, small_blocks, getkey):
         grad = jax.grad(_loss(batch(implementation)), argnums=(0, 1, 2, 3))
 
         def norm(*args):
-            return sum(jnp.sum(g**2) for g in jax.tree.leaves(grad(*args)))
+            return _squared_norm(grad(*args))
 
         return jax.grad(norm, argnums=(0, 1, 2, 3))(*primals)
 
@@ -272,9 +277,7 @@ def test_decode_loop_derivatives(option, small_blocks, getkey):
         grad = jax.grad(_loss(attention), argnums=(0, 1, 2, 3))
         jvp = jax.jvp(attention, primals, tangents)
         hvp = jax.jvp(grad, primals, tangents)
-        gg = jax.grad(
-            lambda *p: sum(jnp.sum(g**2) for g in jax.tree.leaves(grad(*p))), argnums=(0, 1, 2, 3)
-        )(*primals)
+        gg = jax.grad(lambda *p: _squared_norm(grad(*p)), argnums=(0, 1, 2, 3))(*primals)
         return jvp, hvp, gg
 
     _close(jax.jit(lambda: derivatives("chunked"))(), derivatives("xla"), TOL2)
@@ -290,7 +293,7 @@ def test_checkpointed_attention_differentiates(policy, small_blocks, getkey):
         policy_fn = getattr(jax.checkpoint_policies, policy)
         loss = jax.checkpoint(_loss(batch(implementation)), policy=policy_fn)
         grad = jax.grad(loss, argnums=(0, 1, 2))
-        penalty = lambda *p: sum(jnp.sum(g**2) for g in grad(*p))  # noqa: E731
+        penalty = lambda *p: _squared_norm(grad(*p))  # noqa: E731
         gg = jax.grad(penalty, argnums=(0, 1, 2))(*primals)
         return grad(*primals), jax.jvp(grad, primals, tangents), gg
 
@@ -371,9 +374,7 @@ def test_scan_over_layers_and_a_module(small_blocks, getkey):
         loss = lambda p: jnp.sum(jnp.sin(model(p, implementation)))  # noqa: E731
         grad = jax.grad(loss)(params)
         jvp = jax.jvp(lambda p: model(p, implementation), (params,), (tangent,))
-        gg = jax.grad(lambda p: sum(jnp.sum(g**2) for g in jax.tree.leaves(jax.grad(loss)(p))))(
-            params
-        )
+        gg = jax.grad(lambda p: _squared_norm(jax.grad(loss)(p)))(params)
         return grad, jvp, gg
 
     _close(jax.jit(lambda: derivatives("chunked"))(), derivatives("xla"), TOL2)
