@@ -27,7 +27,7 @@ SHAPES = ((512, 512), (512, 256), (256, 512), (256, 256), (128, 512), (128, 128)
 def spec(length: int, causal: bool) -> AttentionSpec:
     return AttentionSpec(
         q_seq=length, kv_seq=length, num_heads=1, num_kv_heads=1, scale=0.125,
-        is_causal=causal, window=None, logit_softcap=None, dropout_p=0.0, mask_mod=None,
+        is_causal=causal, window=None, logit_softcap=None, dropout_p=None, mask_mod=None,
         score_mod=None, mask=None, q_length=None, kv_length=None, q_segment_ids=None,
         kv_segment_ids=None, dropout_seed=None,
     )  # fmt: skip
