@@ -291,13 +291,11 @@ def _backward(
 
     `delta = rowsum(d_out * out)`, in float32 like `d_out`.
     """
-    block_q, block_k, fine_q, fine_k = blocks
+    block_q, block_k, fine_q, _ = blocks
     Sp = k.shape[1]
-    # Keys are walked in the finer steps: a step's four [block_q, width] temporaries (scores,
-    # probabilities and their gradients) then stay in L2, which measured 18% faster than
-    # whole blocks. A plan's block (of `block_k` keys) holds `ratio` such steps, each visiting
-    # the block's query lists: exact for its empty and full blocks, masked for partial ones.
-    width_k, ratio = fine_k, block_k // fine_k
+    # Keys are walked in whole blocks. Half-width steps kept a step's temporaries in L2, but
+    # since the key gradients accumulate transposed, whole blocks measure 2-5% faster
+    # (benchmarks/attention.py), and each is one block of a plan.
     padded = Sp > spec.kv_seq
 
     # Transposed once here, so that each block's key gradients read them in order.
@@ -305,10 +303,10 @@ def _backward(
 
     def one_kv_block(acc, j):
         dq, dbias, dmod = acc
-        kv_start = j * width_k
-        kv_idx = kv_start + jnp.arange(width_k)
-        k_blk = _head_block(k, spec, kv_start, width_k)
-        v_blk = _head_block(v, spec, kv_start, width_k)
+        kv_start = j * block_k
+        kv_idx = kv_start + jnp.arange(block_k)
+        k_blk = _head_block(k, spec, kv_start, block_k)
+        v_blk = _head_block(v, spec, kv_start, block_k)
 
         def step(q_start, width, needs_mask, carry, valid=None):
             dq, dbias, dmod, dk_blk, dv_blk = carry
@@ -320,8 +318,8 @@ def _backward(
             columns = [
                 jax.lax.dynamic_slice_in_dim(x, q_start, width, axis=3) for x in (q_t, d_out_t)
             ]
-            mask_blk = dense_block(spec.mask, q_start, width, kv_start, width_k)
-            bias_blk = dense_block(bias, q_start, width, kv_start, width_k)
+            mask_blk = dense_block(spec.mask, q_start, width, kv_start, block_k)
+            bias_blk = dense_block(bias, q_start, width, kv_start, block_k)
             # Which key block holds the padding is only known at run time: check every block,
             # but for a plan's full ones, which hold none.
             may_pad = padded and (needs_mask or plan is None)
@@ -339,20 +337,20 @@ def _backward(
             dmod = jax.tree.map(jnp.add, dmod, dmod_blk)
             return dq, dbias, dmod, dk_blk + dk_step, dv_blk + dv_step
 
-        # The key gradients accumulate transposed, [1, size, width_k] (see block_backward).
+        # The key gradients accumulate transposed, [1, size, block_k] (see block_backward).
         zeros_k = jnp.zeros(jnp.swapaxes(k_blk, 1, 2).shape, jnp.float32)
         zeros_v = jnp.zeros(jnp.swapaxes(v_blk, 1, 2).shape, jnp.float32)
         zeros_k, zeros_v = vary((zeros_k, zeros_v), axes)
         carry = (dq, dbias, dmod, zeros_k, zeros_v)
         if plan is None:
-            ranges = spec.q_ranges(kv_start, width_k)
+            ranges = spec.q_ranges(kv_start, block_k)
             carry = _run_blocks(ranges, block_q, fine_q, step, carry)
         else:
 
             def visit(block, needs_mask, valid, carry):
                 return step(block * block_q, block_q, needs_mask, carry, valid)
 
-            count, index = plan.q_count[j // ratio], plan.q_index[j // ratio]
+            count, index = plan.q_count[j], plan.q_index[j]
             carry = run_plan_shared(count, index, visit, carry)
         dq, dbias, dmod, dk_blk, dv_blk = carry
         return (dq, dbias, dmod), (dk_blk, dv_blk)
@@ -365,7 +363,7 @@ def _backward(
     dmod0 = zeros_like_params(score_mod_params(spec)[0])
     dq0, dbias0, dmod0 = vary((dq0, dbias0, dmod0), axes)
     (dq, dbias, dmod), (dk, dv) = jax.lax.scan(
-        one_kv_block, (dq0, dbias0, dmod0), jnp.arange(Sp // width_k)
+        one_kv_block, (dq0, dbias0, dmod0), jnp.arange(Sp // block_k)
     )
     # [num_k, K, size, bk] -> [K, num_k * bk, size]
     dk = jnp.moveaxis(jnp.swapaxes(dk, 2, 3), 0, 1).reshape((1,) + k.shape[1:])
