@@ -120,9 +120,9 @@ def _count_blocks(monkeypatch):
     """Count the key blocks the decode loop folds in (per example under vmap)."""
     counts = []
 
-    def counting(carry, q, *args):
+    def counting(carry, q, *args, **kwargs):
         jax.debug.callback(lambda x: counts.append(np.size(x)), q.reshape(-1)[0])
-        return ea_block_forward(carry, q, *args)
+        return ea_block_forward(carry, q, *args, **kwargs)
 
     ea_block_forward = _decode.block_forward
     monkeypatch.setattr(_decode, "block_forward", counting)

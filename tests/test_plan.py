@@ -134,7 +134,7 @@ def _count_blocks(monkeypatch):
     counts = {"forward": 0, "backward": 0}
 
     def counting(name, step):
-        def wrapped(*args):
+        def wrapped(*args, **kwargs):
             # The query block is batched data under vmap, so the callback fires per example.
             q_blk = args[1] if name == "forward" else args[0]
 
@@ -143,7 +143,7 @@ def _count_blocks(monkeypatch):
                 counts[name] += np.size(start)
 
             jax.debug.callback(bump, q_blk.reshape(-1)[0])
-            return step(*args)
+            return step(*args, **kwargs)
 
         return wrapped
 

@@ -76,6 +76,23 @@ def test_ring_on_one_device(getkey):
     assert jnp.allclose(ring(q, k, v), want, atol=TOL)
 
 
+def test_ring_grad_of_grad(getkey):
+    """A gradient penalty through ring attention: its custom VJP's backward pass is itself
+    differentiated in reverse, so its block products must stay transposable."""
+    q, k, v = (jax.random.normal(getkey(), (12, 2, 8)) for _ in range(3))
+    ring = _one_device_ring(is_causal=True, block_sizes=(4, 4))
+    single = lambda q, k, v: eqx_attention.dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=True, implementation="xla"
+    )
+
+    def penalty(attend):
+        grads = jax.grad(lambda *x: jnp.sum(jnp.sin(attend(*x))), argnums=(0, 1, 2))
+        return jax.grad(lambda *x: sum(jnp.sum(g**2) for g in grads(*x)), argnums=(0, 1, 2))
+
+    for got, want in zip(penalty(ring)(q, k, v), penalty(single)(q, k, v), strict=True):
+        assert jnp.allclose(got, want, atol=1e-4), float(jnp.max(jnp.abs(got - want)))
+
+
 def test_skipping_survives_batching():
     # Block skipping depends only on device and tile indices, never on data, so vmapping
     # over a batch must keep a real `cond` (a batched predicate would turn it into a select

@@ -22,6 +22,7 @@ from ._blocks import (
     block_backward,
     block_forward,
     finalize,
+    fused_logits,
     init_carry,
     join_differentiable,
     score_mod_params,
@@ -194,7 +195,8 @@ def _forward(q, k, v, bias, spec: AttentionSpec, plan: BlockPlan | None, blocks)
             # Blocks that need no mask end at or before kv_seq: only the others can reach padding.
             may_pad = needs_mask and spec.kv_seq % width != 0
             visible = _visible(spec, needs_mask, q_idx, kv_idx, mask_blk, may_pad)
-            return block_forward(carry, q_blk, k_blk, v_blk, spec, q_idx, kv_idx, bias_blk, visible)
+            args = (q_blk, k_blk, v_blk, spec, q_idx, kv_idx, bias_blk, visible)
+            return block_forward(carry, *args, logits=fused_logits)
 
         # Fresh state varies over the mesh axes its inputs do (inside `shard_map`).
         carry = vary(init_carry(q_blk, vo_size), vma(q, k, v, bias, spec, plan))
@@ -294,8 +296,8 @@ def _backward(
     block_q, block_k, fine_q, _ = blocks
     Sp = k.shape[1]
     # Keys are walked in whole blocks. Half-width steps kept a step's temporaries in L2, but
-    # since the key gradients accumulate transposed, whole blocks measure 2-5% faster
-    # (benchmarks/attention.py), and each is one block of a plan.
+    # since the key gradients accumulate transposed, whole blocks run forward+backward 2-13%
+    # faster (docs/benchmarks.md), and each is one block of a plan.
     padded = Sp > spec.kv_seq
 
     # Transposed once here, so that each block's key gradients read them in order.
@@ -324,9 +326,8 @@ def _backward(
             # but for a plan's full ones, which hold none.
             may_pad = padded and (needs_mask or plan is None)
             visible = _visible(spec, needs_mask, q_idx, kv_idx, mask_blk, may_pad)
-            grads = block_backward(
-                rows[0], k_blk, v_blk, *rows[1:], spec, q_idx, kv_idx, bias_blk, visible, *columns
-            )
+            args = (rows[0], k_blk, v_blk, *rows[1:], spec, q_idx, kv_idx, bias_blk, visible)
+            grads = block_backward(*args, *columns, logits=fused_logits)
             if valid is not None:
                 # Not one of this example's blocks (the batch shares the plan's loop).
                 grads = jax.tree.map(lambda g: jnp.where(valid, g, 0), grads)

@@ -20,7 +20,14 @@ from jaxtyping import Array, Float
 from .._spec import AttentionSpec, dense_block
 from .._vma import vary, vma
 from ._autodiff import Kernel, attention
-from ._blocks import block_forward, finalize, init_carry, join_differentiable, split_differentiable
+from ._blocks import (
+    block_forward,
+    finalize,
+    fused_logits,
+    init_carry,
+    join_differentiable,
+    split_differentiable,
+)
 from ._plan import batch_max, batch_min
 from ._xla import xla_attention
 
@@ -72,7 +79,8 @@ def _forward(q, k, v, bias, spec: AttentionSpec, block_k: int):
         fresh = (kv_idx >= j * block_k)[None, None, None, :]
         visible = fresh if visible is None else visible & fresh
         bias_blk = dense_block(bias, 0, spec.q_seq, start, block_k)
-        return block_forward(carry, q, k_blk, v_blk, spec, q_idx, kv_idx, bias_blk, visible)
+        args = (q, k_blk, v_blk, spec, q_idx, kv_idx, bias_blk, visible)
+        return block_forward(carry, *args, logits=fused_logits)
 
     lo, hi = _key_blocks(spec, block_k)
     # Fresh state varies over the mesh axes its inputs do (inside `shard_map`).
