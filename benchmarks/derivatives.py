@@ -7,9 +7,11 @@ Run by hand (never part of the tests), on a quiet machine:
     .venv/bin/python benchmarks/derivatives.py --lengths 2048   # the short row only
 
 Causal, float32, batch 2 through `jax.vmap`, 8 heads of 64, the blockwise kernel. `jvp`
-pushes a tangent of the queries, keys and values at once; the HVP is `jvp` of `grad` of
-`sum(out**2)` along the same tangents. Each derivative takes turns with its anchor, so the
-ratios see the same machine load. The memory row runs `jvp` at batch 1 in a fresh process
+pushes a tangent of the queries, keys and values at once. The HVP is the Hessian of
+`sum(out**2)` times the same tangents, as JAX's autodiff cookbook computes it:
+`jax.jvp(jax.grad(f), x, v)[1]`, forward over reverse. "grad+HVP" keeps both outputs of
+that `jvp`, the gradient too. Each derivative takes turns with its anchor, so the ratios
+see the same machine load. The memory row runs `jvp` at batch 1 in a fresh process
 and reads its peak resident memory (the logits alone would be 8 x T^2 x 4 bytes).
 """
 
@@ -41,16 +43,19 @@ def functions(causal: bool):
     def jvp(q, k, v):
         return jax.jvp(forward, (q, k, v), (v, q, k))
 
-    def hvp(q, k, v):
+    def grad_and_hvp(q, k, v):
         return jax.jvp(grad, (q, k, v), (v, q, k))
 
-    return {name: jax.jit(fn) for name, fn in
-            dict(forward=forward, grad=grad, jvp=jvp, hvp=hvp).items()}  # fmt: skip
+    def hvp(q, k, v):
+        return grad_and_hvp(q, k, v)[1]
+
+    fns = dict(forward=forward, grad=grad, jvp=jvp, hvp=hvp, grad_and_hvp=grad_and_hvp)
+    return {name: jax.jit(fn) for name, fn in fns.items()}
 
 
 def speed_rows(lengths, repeats):
     print("causal, batch 2, 8 heads of 64, float32; best of", repeats)
-    names = ("forward", "jvp", "jvp/fwd", "fwd+bwd", "HVP", "HVP/(f+b)")
+    names = ("forward", "jvp", "jvp/fwd", "fwd+bwd", "HVP", "HVP/(f+b)", "grad+HVP", "ratio")
     print(f"{'T':>6} " + " ".join(f"{name:>9}" for name in names))
     for length in lengths:
         q, k, v = inputs(2, length, 8, 64)
@@ -59,7 +64,8 @@ def speed_rows(lengths, repeats):
         print(
             f"{length:>6} {t['forward'] * 1e3:>7.0f}ms {t['jvp'] * 1e3:>7.0f}ms "
             f"{t['jvp'] / t['forward']:>7.2f}x {t['grad'] * 1e3:>7.0f}ms {t['hvp'] * 1e3:>7.0f}ms "
-            f"{t['hvp'] / t['grad']:>9.2f}x"
+            f"{t['hvp'] / t['grad']:>9.2f}x {t['grad_and_hvp'] * 1e3:>7.0f}ms "
+            f"{t['grad_and_hvp'] / t['grad']:>8.2f}x"
         )
 
 
