@@ -296,7 +296,7 @@ def _backward(
     block_q, block_k, fine_q, _ = blocks
     Sp = k.shape[1]
     # Keys are walked in whole blocks. Half-width steps kept a step's temporaries in L2, but
-    # since the key gradients accumulate transposed, whole blocks run forward+backward 2-13%
+    # since the key gradients accumulate transposed, whole blocks run forward+backward 4-13%
     # faster (docs/benchmarks.md), and each is one block of a plan.
     padded = Sp > spec.kv_seq
 
