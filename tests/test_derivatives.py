@@ -300,6 +300,22 @@ def test_checkpointed_attention_differentiates(policy, small_blocks, getkey):
     _close(jax.jit(lambda: grads("chunked"))(), grads("xla"), TOL2)
 
 
+@pytest.mark.parametrize("option", ["causal", "softcap_sinks", "alibi"])
+def test_linearize_and_transpose(option, small_blocks, getkey):
+    """`jax.linearize` stages the tangent alone (the forward pass runs once, up front), and
+    `jax.linear_transpose` of that linear map is the backward pass: as `jax.vjp` gives."""
+    primals, tangents, batch = _problem(getkey(), option)
+    out, linear = jax.linearize(batch("chunked"), *primals)
+    _, ref_linear = jax.linearize(batch("xla"), *primals)
+    _close(linear(*tangents), ref_linear(*tangents), TOL)
+    cotangent = jnp.cos(out)
+    _close(
+        jax.linear_transpose(linear, *primals)(cotangent),
+        jax.vjp(batch("xla"), *primals)[1](cotangent),
+        TOL,
+    )
+
+
 def test_jacobian_of_a_block_plan_call(small_blocks, getkey):
     """A reusable block plan passed in: forward mode goes through it too."""
     primals, tangents, _ = _problem(getkey(), "plain")
