@@ -3,7 +3,7 @@ pass, Hessian-vector products against forward+backward, and `jvp`'s peak memory.
 
 Run by hand (never part of the tests), on a quiet machine:
 
-    .venv/bin/python benchmarks/derivatives.py                  # T=2048 and 16384: ~5 min
+    .venv/bin/python benchmarks/derivatives.py                  # T=2048 and 16384: ~4 min
     .venv/bin/python benchmarks/derivatives.py --lengths 2048   # the short row only
 
 Causal, float32, batch 2 through `jax.vmap`, 8 heads of 64, the blockwise kernel. `jvp`
@@ -54,13 +54,13 @@ def functions(causal: bool):
 
 
 def speed_rows(lengths, repeats):
-    print("causal, batch 2, 8 heads of 64, float32; best of", repeats)
+    print(f"causal, batch 2, 8 heads of 64, float32; best of {repeats} (2 past T=4096)")
     names = ("forward", "jvp", "jvp/fwd", "fwd+bwd", "HVP", "HVP/(f+b)", "grad+HVP", "ratio")
     print(f"{'T':>6} " + " ".join(f"{name:>9}" for name in names))
     for length in lengths:
         q, k, v = inputs(2, length, 8, 64)
         fns = functions(causal=True)
-        t = best_times(fns, q, k, v, repeats=repeats if length <= 4096 else 1)
+        t = best_times(fns, q, k, v, repeats=repeats if length <= 4096 else 2)
         print(
             f"{length:>6} {t['forward'] * 1e3:>7.0f}ms {t['jvp'] * 1e3:>7.0f}ms "
             f"{t['jvp'] / t['forward']:>7.2f}x {t['grad'] * 1e3:>7.0f}ms {t['hvp'] * 1e3:>7.0f}ms "
