@@ -31,6 +31,7 @@ from ._kernels._blocks import (
     block_forward,
     finalize,
     init_carry,
+    key_grad_accumulators,
     score_mod_params,
     sink_grad,
     spec_cotangent,
@@ -556,11 +557,7 @@ def _ring_bwd(config: _Config, residuals, d_out):
                 dq_i, dmod, dk, dv = _skip_or(hidden, compute, operand)
                 return dq.at[i].set(dq_i), dmod, dk, dv
 
-            # The key gradients accumulate transposed, [K, size, block] (see block_backward).
-            zeros = tuple(
-                jnp.zeros(jnp.swapaxes(x, 1, 2).shape, jnp.float32) for x in (k_blk, v_blk)
-            )
-            carry = (*acc, *vary(zeros, axes))
+            carry = (*acc, *vary(key_grad_accumulators(k_blk, v_blk), axes))
             if tiles is not None:
                 carry = run_plan(*tiles, visit, carry)
             else:

@@ -152,6 +152,12 @@ def block_backward(
     return dq, dk_t, dv_t, dbias, dmod
 
 
+def key_grad_accumulators(k: Float[Array, "K bk d"], v: Float[Array, "K bk dv"]):
+    """Float32 zeros for a key block's gradients as [`block_backward`][] returns them,
+    transposed: `[K, d, bk]` and `[K, dv, bk]`."""
+    return tuple(jnp.zeros((x.shape[0], x.shape[2], x.shape[1]), jnp.float32) for x in (k, v))
+
+
 def score_mod_params(spec: AttentionSpec):
     """`score_mod` split into its floating-point captured arrays and the rest (`eqx.partition`).
 

@@ -25,6 +25,7 @@ from ._blocks import (
     fused_logits,
     init_carry,
     join_differentiable,
+    key_grad_accumulators,
     score_mod_params,
     sink_grad,
     split_differentiable,
@@ -338,10 +339,7 @@ def _backward(
             dmod = jax.tree.map(jnp.add, dmod, dmod_blk)
             return dq, dbias, dmod, dk_blk + dk_step, dv_blk + dv_step
 
-        # The key gradients accumulate transposed, [1, size, block_k] (see block_backward).
-        zeros_k = jnp.zeros(jnp.swapaxes(k_blk, 1, 2).shape, jnp.float32)
-        zeros_v = jnp.zeros(jnp.swapaxes(v_blk, 1, 2).shape, jnp.float32)
-        zeros_k, zeros_v = vary((zeros_k, zeros_v), axes)
+        zeros_k, zeros_v = vary(key_grad_accumulators(k_blk, v_blk), axes)
         carry = (dq, dbias, dmod, zeros_k, zeros_v)
         if plan is None:
             ranges = spec.q_ranges(kv_start, block_k)

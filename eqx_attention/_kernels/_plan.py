@@ -237,12 +237,15 @@ def _as_range_if_shared(
     shared = batch_all(is_range) & (start == batch_max(first)) & (length == batch_max(count))
     stop, num = start + length, index.shape[0]
 
+    def visit(block, c):
+        return step(block, needs_mask, c)
+
     def ranged(c):
-        return jax.lax.fori_loop(start, stop, lambda block, c: step(block, needs_mask, c), c)
+        return jax.lax.fori_loop(start, stop, visit, c)
 
     def every_block(c):
         # A trip count known when compiling lets XLA schedule the loop as a scan.
-        return jax.lax.fori_loop(0, num, lambda block, c: step(block, needs_mask, c), c)
+        return jax.lax.fori_loop(0, num, visit, c)
 
     if not whole_as_scan:
         return jax.lax.cond(shared, ranged, gathered, carry)
