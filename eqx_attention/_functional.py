@@ -106,11 +106,6 @@ def dot_product_attention(
       Both mods may close over arrays: learned ones (ALiBi slopes, a relative-position
       table) get gradients through every implementation, and per-example ones may be
       `vmap`ped. They only ever see real positions, never the kernels' block padding.
-
-    Every source of masking (causal/window structure, the lengths, segment ids, `mask_mod`,
-    `mask`) skips the blocks it hides entirely: the blockwise kernel classifies each
-    (query block, key block) pair once per call as empty, full or partial, and visits only
-    the non-empty ones, also under `jax.vmap`.
     - `sinks`: optional learned attention-sink logits, float `(num_heads,)`. Head `h`'s
       sink joins the softmax's normaliser as one more key with logit `sinks[h]` (taken as
       it is: not scaled, biased, score-modded or capped) and a zero value, so a row's
@@ -123,11 +118,16 @@ def dot_product_attention(
       of the key and the (head, query, key) indices only, so it is the same for every
       implementation.
     - `implementation`: `None` (automatic), `"xla"` (materialises the logits; the readable
-      reference, differentiable in both modes), `"chunked"` (flash-style blocks, O(q_seq)
-      memory, skips fully masked blocks; reverse-mode differentiation only) or `"cudnn"`
-      (GPU, half precision; raises a `ValueError` naming what it cannot do). `None` picks
-      cuDNN on a GPU when it supports the call, else `"xla"` for small problems, else
-      `"chunked"` (the threshold is in the implementations guide).
+      reference), `"chunked"` (flash-style blocks in XLA, O(q_seq) memory, skips fully
+      masked blocks), `"pallas"` (the Pallas kernel for GPUs: FlashAttention-2 tiling over
+      the block plan's lists, every option of this function; decoding steps of at most 16
+      queries run a split-K decode kernel; on a CPU it runs in Pallas interpret mode, slow,
+      for testing) or `"cudnn"` (GPU, half precision; raises a `ValueError` naming what it
+      cannot do). `"xla"` and `"chunked"` differentiate in every mode and to any order
+      (`grad`, `jvp`, Hessian-vector products, `grad` of `grad`). On a GPU, `None` takes
+      cuDNN where it supports the call and `"pallas"` everywhere else; elsewhere it takes
+      `"xla"` for small problems and `"chunked"` for the rest (the threshold is in the
+      implementations guide).
     - `block_plan`: a [`eqx_attention.BlockPlan`][] from [`eqx_attention.make_block_plan`][]
       with the same masking arguments, to reuse across layers and steps instead of
       classifying the blocks again in every call; checked against the call's lengths. Used
@@ -137,6 +137,11 @@ def dot_product_attention(
       attentions over disjoint key sets merge exactly: for outputs `o_i` with log-sum-exps
       `l_i`, `sum_i exp(l_i - l) o_i` with `l = logsumexp_i(l_i)`. With `sinks` the sink's
       term is part of each row's log-sum-exp (so give the sinks to one part only).
+
+    Every source of masking (causal/window structure, the lengths, segment ids, `mask_mod`,
+    `mask`) skips the blocks it hides entirely: the blockwise kernel classifies each
+    (query block, key block) pair once per call as empty, full or partial, and visits only
+    the non-empty ones, also under `jax.vmap`.
 
     **Positions.** Causality, windows and the mods see every query and key at a position:
     keys at `0..kv_seq - 1` and queries **bottom-right aligned**, query row `i` at
