@@ -4,6 +4,8 @@ they differ over, and the casts that make fresh values agree with their inputs."
 import jax
 import jax.extend
 
+from . import _jax_compat
+
 
 def vary(tree, axes):
     """Cast the arrays of `tree` to vary over `axes` (those they do not vary over yet).
@@ -16,9 +18,7 @@ def vary(tree, axes):
         missing = tuple(a for a in axes if a not in varying_axes(x))
         if not missing:
             return x
-        if hasattr(jax.lax, "pcast"):
-            return jax.lax.pcast(x, missing, to="varying")
-        return jax.lax.pvary(x, missing)  # older jax spells the same cast `pvary`
+        return _jax_compat.pvary(x, missing)
 
     return jax.tree.map(cast, tree)
 
@@ -33,9 +33,7 @@ def vma(*xs) -> tuple:
 
 def varying_axes(x) -> frozenset:
     """The manual axes a value varies over: `aval.mat.varying` in newer jax, `aval.vma` before."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)
-    return mat.varying if mat is not None else getattr(aval, "vma", frozenset())
+    return _jax_compat.varying_axes(jax.typeof(x))
 
 
 def eval_jaxpr(jaxpr: jax.extend.core.Jaxpr, consts, *args) -> list:

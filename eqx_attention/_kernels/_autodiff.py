@@ -40,8 +40,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Primitive, Var
-from jax.interpreters import ad, batching, mlir, partial_eval as pe
+
+# JAX's own machinery for primitives, imported through the module that checks it exists.
+from .._jax_compat import Primitive, Var, ad, batching, mlir, pe, shaped_array, varying_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,15 +187,8 @@ def _primitive(name: str, run, out_axes=_every_output) -> Primitive:
             functools.partial(evaluate, kernel=kernel, trees=trees, vmapped=vmapped), *avals
         )
         # Inside `shard_map`, an output varies over every mesh axis some input varies over.
-        varying = frozenset().union(*(a.mat.varying for a in avals))
-        if not varying:
-            return [jax.core.ShapedArray(o.shape, o.dtype) for o in outs]
-        mat = avals[0].mat.update(varying=varying)
-        sharding = jax.sharding.NamedSharding(avals[0].sharding.mesh, jax.sharding.PartitionSpec())
-        return [
-            jax.core.ShapedArray(o.shape, o.dtype, sharding=sharding, manual_axis_type=mat)
-            for o in outs
-        ]
+        varying = frozenset().union(*(varying_axes(a) for a in avals))
+        return [shaped_array(o.shape, o.dtype, avals[0], varying) for o in outs]
 
     def batch(args, dims, **params):
         flags = tuple(d is not None for d in dims)
