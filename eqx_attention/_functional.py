@@ -11,10 +11,9 @@ from ._kernels import (
     BlockPlan,
     Implementation,
     block_plan,
+    blockwise_attention,
     choose_implementation,
-    chunked_attention,
     cudnn_attention,
-    xla_attention,
     xla_probs,
 )
 from ._spec import AttentionSpec, MaskMod, ScoreMod, as_data
@@ -174,10 +173,7 @@ def dot_product_attention(
         cast = (x.astype(dtype) for x in (query, key, value))
         out, lse = cudnn_attention(*cast, bias, mask, spec)
     else:
-        if impl == "xla":
-            out, lse = xla_attention(q, k, v, spec, bias4)
-        else:
-            out, lse = chunked_attention(q, k, v, spec, bias4, block_plan)
+        out, lse = blockwise_attention(impl, q, k, v, spec, bias4, block_plan)
         # [K, G, T, ...] -> [T, K * G, ...]: query head n is (n // G, n % G).
         num_kv_heads, group, q_seq, vo_size = out.shape
         out = jnp.transpose(out, (2, 0, 1, 3)).reshape(q_seq, num_kv_heads * group, vo_size)

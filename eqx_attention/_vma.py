@@ -36,13 +36,14 @@ def varying_axes(x) -> frozenset:
     return _jax_compat.varying_axes(jax.typeof(x))
 
 
-def eval_jaxpr(jaxpr: jax.extend.core.Jaxpr, consts, *args) -> list:
+def eval_jaxpr(jaxpr: jax.extend.core.Jaxpr, consts, *args, rule=None) -> list:
     """Evaluate `jaxpr`, first casting each equation's inputs to the axes any of them varies over.
 
     A jaxpr traced outside `shard_map` (a mod, traced once on scalars) mixes its arguments
     with literals and captured arrays that `shard_map` types as device-invariant; tracing the
     same code inside would have inserted these casts. Outside `shard_map` nothing varies and
-    this is plain evaluation. Nested `jit`s are evaluated inline, the same way.
+    this is plain evaluation. Nested `jit`s are evaluated inline, the same way. `rule(eqn,
+    inputs)`, when given, evaluates the equations it returns outputs for (not `None`).
     """
     env = dict(zip(jaxpr.constvars, consts, strict=True))
     env.update(zip(jaxpr.invars, args, strict=True))
@@ -52,12 +53,14 @@ def eval_jaxpr(jaxpr: jax.extend.core.Jaxpr, consts, *args) -> list:
 
     for eqn in jaxpr.eqns:
         inputs = [read(var) for var in eqn.invars]
-        inputs = vary(inputs, vma(*inputs))
-        if eqn.primitive.name == "jit":
-            inner = eqn.params["jaxpr"]
-            outputs = eval_jaxpr(inner.jaxpr, inner.consts, *inputs)
-        else:
-            outputs = eqn.primitive.bind(*inputs, **eqn.params)
-            outputs = outputs if eqn.primitive.multiple_results else [outputs]
+        outputs = None if rule is None else rule(eqn, inputs)
+        if outputs is None:
+            inputs = vary(inputs, vma(*inputs))
+            if eqn.primitive.name == "jit":
+                inner = eqn.params["jaxpr"]
+                outputs = eval_jaxpr(inner.jaxpr, inner.consts, *inputs, rule=rule)
+            else:
+                outputs = eqn.primitive.bind(*inputs, **eqn.params)
+                outputs = outputs if eqn.primitive.multiple_results else [outputs]
         env.update(zip(eqn.outvars, outputs, strict=True))
     return [read(var) for var in jaxpr.outvars]

@@ -6,10 +6,11 @@ from .._spec import AttentionSpec
 from ._chunked import block_plan as _block_plan, chunked_attention as _blockwise
 from ._cudnn import cudnn_attention as cudnn_attention, cudnn_unsupported
 from ._decode import decode_attention
+from ._pallas import pallas_attention, pallas_unsupported
 from ._plan import BlockPlan as BlockPlan
 from ._xla import xla_attention as xla_attention, xla_probs as xla_probs
 
-Implementation = Literal["xla", "chunked", "cudnn"]
+Implementation = Literal["xla", "chunked", "cudnn", "pallas"]
 
 # Measured on a 2-core AVX-512 CPU (benchmarks/attention.py): 512 x 512 tiles run about twice
 # as fast per logit as 128-wide ones, and one key/value head at a time keeps them in cache.
@@ -43,6 +44,18 @@ def chunked_attention(q, k, v, spec: AttentionSpec, bias, plan: BlockPlan | None
     return _blockwise(q, k, v, spec, bias, plan, (BLOCK_Q, BLOCK_K, FINE_Q, FINE_K))
 
 
+def blockwise_attention(
+    implementation: Implementation, q, k, v, spec: AttentionSpec, bias, plan: BlockPlan | None
+):
+    """Run one of the implementations on the kernels' `[K, G, T, D]` layout (cuDNN aside):
+    `(out, lse)`. A block plan is used by the blockwise and Pallas kernels."""
+    if implementation == "xla":
+        return xla_attention(q, k, v, spec, bias)
+    if implementation == "pallas":
+        return pallas_attention(q, k, v, spec, bias, plan)
+    return chunked_attention(q, k, v, spec, bias, plan)
+
+
 def block_plan(spec: AttentionSpec) -> BlockPlan:
     return _block_plan(spec, (BLOCK_Q, BLOCK_K, FINE_Q, FINE_K))
 
@@ -52,10 +65,11 @@ def choose_implementation(
 ) -> Implementation:
     """Resolve `implementation=None` and check that cuDNN can run an explicit `"cudnn"`.
 
-    The automatic rule: cuDNN on a GPU whenever it supports the configuration; otherwise the
-    materialising `"xla"` reference for small problems (at most `XLA_MAX_LOGITS` logits per
-    head), where one fused softmax beats a loop, unless the call is a decoding step over a
-    long buffer; otherwise the blockwise `"chunked"` kernel.
+    The automatic rule tries the backends in order, each saying why it cannot run a call:
+    cuDNN on a GPU whenever it supports the configuration; the Pallas kernel on a GPU for
+    everything else; off a GPU, the materialising `"xla"` reference for small problems (at
+    most `XLA_MAX_LOGITS` logits per head), where one fused softmax beats a loop, unless the
+    call is a decoding step over a long buffer; otherwise the blockwise `"chunked"` kernel.
     """
     why_not_cudnn = cudnn_unsupported(spec, dtype, qk_size, vo_size)
     if implementation == "cudnn" and why_not_cudnn is not None:
@@ -64,6 +78,8 @@ def choose_implementation(
         return implementation
     if why_not_cudnn is None:
         return "cudnn"
+    if pallas_unsupported(spec) is None:
+        return "pallas"
     decoding = spec.q_seq <= DECODE_MAX_Q and spec.kv_seq >= DECODE_MIN_KV
     if spec.q_seq * spec.kv_seq <= XLA_MAX_LOGITS and not decoding:
         return "xla"

@@ -60,10 +60,18 @@ class Kernel:
     def backward(self, x, aux, out, lse, ct_out, ct_lse):
         raise NotImplementedError
 
+    @property
+    def differentiable(self) -> "Kernel":
+        """The kernel whose code JAX differentiates (forward mode, and the backward pass's
+        own derivative): this one, or one computing the same function in code that JAX can
+        differentiate (for a Pallas kernel, the blockwise XLA kernel over the same plan)."""
+        return self
+
 
 def _forward_jvp(kernel: Kernel, x, aux, dx):
     """`((out, lse), (t_out, t_lse))`: the forward pass and its tangent along `dx`."""
-    return jax.jvp(lambda x: kernel.forward(x, aux), (x,), (dx,))
+    forward = kernel.differentiable.forward
+    return jax.jvp(lambda x: forward(x, aux), (x,), (dx,))
 
 
 def attention(kernel: Kernel, x, aux):
@@ -136,7 +144,7 @@ def _run_backward_jvp(kernel, trees, *args):
         primals, tangents, ct = primals + (ct_out, ct_lse), tangents + tuple(dct), ()
 
     def backward(x, out, lse, ct_out, ct_lse):
-        return kernel.backward(x, aux, out, lse, ct_out, ct_lse)
+        return kernel.differentiable.backward(x, aux, out, lse, ct_out, ct_lse)
 
     dx, h = jax.jvp(lambda *p: backward(*p, *ct), primals, tangents)
     return jax.tree.leaves(dx) + jax.tree.leaves(h)

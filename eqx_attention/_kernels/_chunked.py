@@ -52,21 +52,30 @@ def chunked_attention(
     no gradient (as in jax.nn).
     """
     T, S = spec.q_seq, spec.kv_seq
+    if plan is not None:
+        # A plan carries its block sizes: the kernel walks its grid.
+        check_plan(plan, (T, S) + plan.grid[2:])
+        blocks = plan.grid[2:] * 2
     block_q, block_k, fine_q, fine_k = blocks = _fit(T, S, *blocks)
-    pad_q, pad_k = -T % block_q, -S % block_k
+    q, k, v, spec, bias = pad_to_blocks(q, k, v, spec, bias, block_q, block_k)
+    # Data-dependent masks decide per example which blocks to visit; structure alone decides
+    # from loop indices, with finer steps along a window's edges.
+    if plan is None and not spec.only_structural:
+        plan = make_plan(spec, block_q, block_k)
+    out, lse = _flash(q, k, v, bias, spec, plan, blocks)
+    return out[:, :, :T], lse[:, :, :T]
+
+
+def pad_to_blocks(q, k, v, spec: AttentionSpec, bias, block_q: int, block_k: int):
+    """`(q, k, v, spec, bias)` with the queries and keys (and a dense mask and bias) padded
+    with zeros (`False` for the mask) to whole blocks; the spec keeps the real lengths."""
+    pad_q, pad_k = -spec.q_seq % block_q, -spec.kv_seq % block_k
     q = _pad_axis(q, 2, pad_q)
     k, v = _pad_axis(k, 1, pad_k), _pad_axis(v, 1, pad_k)
     spec = _pad_mask(spec, pad_q, pad_k)
     if bias is not None:
         bias = _pad_dense(bias, pad_q, pad_k, 0.0)
-    # Data-dependent masks decide per example which blocks to visit; structure alone decides
-    # from loop indices, with finer steps along a window's edges.
-    if plan is not None:
-        check_plan(plan, (T, S, block_q, block_k))
-    elif not spec.only_structural:
-        plan = make_plan(spec, block_q, block_k)
-    out, lse = _flash(q, k, v, bias, spec, plan, blocks)
-    return out[:, :, :T], lse[:, :, :T]
+    return q, k, v, spec, bias
 
 
 def block_plan(spec: AttentionSpec, blocks: tuple[int, int, int, int]) -> BlockPlan:

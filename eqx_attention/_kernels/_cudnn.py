@@ -31,6 +31,11 @@ def cudnn_unsupported(spec: AttentionSpec, dtype, qk_size: int, vo_size: int) ->
         "is_causal/local_window_size with q_seq != kv_seq": (
             (spec.is_causal or spec.window is not None) and spec.q_seq != spec.kv_seq
         ),
+        # cuDNN applies a sliding window only together with a causal mask: a window that
+        # reaches right of the query, without is_causal, would silently lose that side.
+        "a non-causal local_window_size reaching right of the query": (
+            spec.window is not None and not spec.is_causal and spec.window[1] > 0
+        ),
     }
     reasons = [name for name, present in unsupported.items() if present]
     return f"cuDNN does not support {', '.join(reasons)}" if reasons else None
@@ -54,10 +59,12 @@ def cudnn_attention(query, key, value, bias, mask, spec: AttentionSpec):
         bias=batched(None if bias is None else bias.astype(query.dtype)),
         mask=batched(mask),
         scale=spec.scale,
-        is_causal=spec.is_causal,
+        # A window reaching no further right than the query is a causal window: cuDNN applies
+        # windows only with the causal mask, so pass it as one.
+        is_causal=spec.is_causal or spec.window is not None,
         query_seq_lengths=lengths(spec.q_length),
         key_value_seq_lengths=lengths(spec.kv_length),
-        local_window_size=spec.window,
+        local_window_size=None if spec.window is None else (spec.window[0], 0),
         implementation="cudnn",
         return_residual=True,
     )  # fmt: skip
