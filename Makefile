@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint format docs docs-check
+.PHONY: demo test test-oldest jax-oldest lint format docs docs-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,22 @@ test: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -n $(PYTEST_WORKERS)
+
+# The lowest jax the pin in pyproject.toml allows, e.g. 0.10.2 for "jax>=0.10.2,<0.12".
+JAX_OLDEST := $(shell sed -n 's/^ *"jax>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+OLDEST := .venv-oldest
+
+jax-oldest:
+	@echo $(JAX_OLDEST)
+
+# The tests that reach JAX's internals (the kernels' primitives and their derivatives, mods,
+# shard_map typing), on the lowest jax and jaxlib the pin allows, in a venv of its own.
+test-oldest: pyproject.toml
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST)/bin/python -m pip install --quiet -e ".[test]" "jax==$(JAX_OLDEST)" "jaxlib==$(JAX_OLDEST)"
+	$(OLDEST)/bin/python -m pytest -n $(PYTEST_WORKERS) tests/test_jax_compat.py \
+		tests/test_derivatives.py tests/test_mods.py tests/test_sharding.py
 
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check .
