@@ -122,11 +122,11 @@ def dot_product_attention(
       the block plan's lists, every option of this function; decoding steps of at most 16
       queries run a split-K decode kernel; on a CPU it runs in Pallas interpret mode, slow,
       for testing) or `"cudnn"` (GPU, half precision; raises a `ValueError` naming what it
-      cannot do). `"xla"` and `"chunked"` differentiate in every mode and to any order
-      (`grad`, `jvp`, Hessian-vector products, `grad` of `grad`). On a GPU, `None` takes
-      cuDNN where it supports the call and `"pallas"` everywhere else; elsewhere it takes
-      `"xla"` for small problems and `"chunked"` for the rest (the threshold is in the
-      implementations guide).
+      cannot do). `"xla"`, `"chunked"` and `"pallas"` differentiate in every mode and to
+      any order (`grad`, `jvp`, Hessian-vector products, `grad` of `grad`); `"cudnn"` in
+      reverse mode only. On a GPU, `None` takes cuDNN where it supports the call and
+      `"pallas"` everywhere else; elsewhere it takes `"xla"` for small problems and
+      `"chunked"` for the rest (the threshold is in the implementations guide).
     - `block_plan`: a [`eqx_attention.BlockPlan`][] from [`eqx_attention.make_block_plan`][]
       with the same masking arguments, to reuse across layers and steps instead of
       classifying the blocks again in every call; checked against the call's lengths. Used
