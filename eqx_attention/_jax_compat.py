@@ -3,11 +3,12 @@
 The kernels are JAX primitives with differentiation, batching, lowering and
 partial-evaluation rules of their own (`_kernels/_autodiff.py`), typed for `shard_map`'s
 varying axes (`_vma.py`); mods are traced to jaxprs and evaluated again (`_vma.py`,
-`_spec.py`); block plans batch with `custom_vmap` (`_kernels/_plan.py`). None of these are
-covered by JAX's compatibility promise, so each is checked when the package is imported, and
-one that a JAX release lacks raises an `ImportError` naming that release and the tested
-range (`JAX_RANGE`, the pin in `pyproject.toml`), instead of an `AttributeError` deep in a
-trace. Why each is needed is in `docs/guides/implementations.md`.
+`_spec.py`); block plans batch with `custom_vmap` (`_kernels/_plan.py`); the GPU kernels are
+written in Pallas (`_kernels/_pallas.py`). None of these are covered by JAX's compatibility
+promise, so each is checked when the package is imported, and one that a JAX release lacks
+raises an `ImportError` naming that release and the tested range (`JAX_RANGE`, the pin in
+`pyproject.toml`), instead of an `AttributeError` deep in a trace. Why each is needed is in
+`docs/guides/implementations.md`.
 """
 
 import importlib
@@ -60,6 +61,11 @@ pe = _require(
 ShapedArray = _require("jax.core", "ShapedArray.to_tangent_aval").ShapedArray
 custom_vmap = _require("jax.custom_batching", "custom_vmap").custom_vmap
 typeof = _require("jax", "typeof").typeof
+# The Pallas kernels (`_kernels/_pallas.py`), and their Triton compiler options on a GPU.
+_require(
+    "jax.experimental.pallas", "pallas_call", "BlockSpec", "ds", "program_id", "next_power_of_2"
+)
+_require("jax.experimental.pallas.triton", "CompilerParams")
 # The cast to more varying axes is `pcast(..., to="varying")`, earlier `pvary`.
 if hasattr(jax.lax, "pcast"):
 
