@@ -255,8 +255,13 @@ def _walk(count_ref, index_ref, row, step, carry):
 
 
 def _dot(a, b, trans_b: bool = False):
+    """`a @ b` (or `a @ b.T`) accumulated in float32. Float32 inputs run on the tensor cores
+    (TF32) under JAX's default matmul precision, as XLA's own products do; a default
+    precision of `"highest"` makes them exact."""
     dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    highest = jax.config.jax_default_matmul_precision in ("highest", "float32")
+    precision = jax.lax.Precision.HIGHEST if highest else None
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
