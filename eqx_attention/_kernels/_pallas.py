@@ -166,10 +166,12 @@ def _pad_size(x, axis: int):
     return jnp.pad(x, widths)
 
 
-def _compiler_params():
+def _compiler_params(head_size: int):
     from jax.experimental.pallas import triton as plgpu
 
-    return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    # As JAX's Triton attention kernels: twice the warps for heads wider than 64.
+    warps = NUM_WARPS if head_size <= 64 else 2 * NUM_WARPS
+    return plgpu.CompilerParams(num_warps=warps, num_stages=NUM_STAGES)
 
 
 def interpret() -> bool:
@@ -177,7 +179,7 @@ def interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, name, **kwargs):
+def _call(kernel, grid, in_specs, out_specs, out_shape, name, head_size: int = 128, **kwargs):
     interpret = globals()["interpret"]()
     return pl.pallas_call(
         kernel,
@@ -186,7 +188,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, name, **kwargs):
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
-        compiler_params=None if interpret else _compiler_params(),
+        compiler_params=None if interpret else _compiler_params(head_size),
         name=name,
         **kwargs,
     )
@@ -314,6 +316,7 @@ class _Pallas(Kernel):
             [lay.row_spec(s, order) for s in out_shape],
             out_shape,
             "eqx_attention_forward",
+            head_size=max(qp.shape[-1], vp.shape[-1]),
         )(*inputs)
         return lay.unpack(out)[..., :vo_size], lay.unpack(lse)
 
@@ -374,6 +377,7 @@ class _Pallas(Kernel):
             out_specs,
             out_shape,
             "eqx_attention_backward_dkdv",
+            head_size=max(qp.shape[-1], vp.shape[-1]),
             input_output_aliases=aliases,
         )(*inputs)
         dk, dv = grads[0][..., : k.shape[-1]], grads[1][..., : v.shape[-1]]
@@ -398,6 +402,7 @@ class _Pallas(Kernel):
             lay.row_spec(dq_shape, order),
             dq_shape,
             "eqx_attention_backward_dq",
+            head_size=max(qp.shape[-1], vp.shape[-1]),
         )(*inputs)
         dq = lay.unpack(dq)[..., : q.shape[-1]]
 
