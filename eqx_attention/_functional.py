@@ -16,7 +16,7 @@ from ._kernels import (
     cudnn_attention,
     xla_probs,
 )
-from ._spec import AttentionSpec, MaskMod, ScoreMod, as_data
+from ._spec import AttentionSpec, MaskMod, ScoreMod, as_data, check_mod_positions
 from ._vma import vma
 
 # A `(kv_seq,)` array is a key-padding mask (or a per-key bias) shared by every query.
@@ -105,6 +105,10 @@ def dot_product_attention(
       Both mods may close over arrays: learned ones (ALiBi slopes, a relative-position
       table) get gradients through every implementation, and per-example ones may be
       `vmap`ped. They only ever see real positions, never the kernels' block padding.
+      Constants a mod builds itself (NumPy arrays, `jnp.asarray` of them) are treated like
+      captured arrays, and a mod returning a constant broadcasts. A ready-made mod holding
+      arrays ([`eqx_attention.document_mask_mod`][]) raises a `ValueError` when a call's
+      positions run past them (under `jit`, with traced positions, when the call runs).
     - `sinks`: optional learned attention-sink logits, float `(num_heads,)`. Head `h`'s
       sink joins the softmax's normaliser as one more key with logit `sinks[h]` (taken as
       it is: not scaled, biased, score-modded or capped) and a zero value, so a row's
@@ -346,6 +350,7 @@ def _prepare(
         query_offset=_length(query_offset),
         key_positions=None if key_positions is None else key_positions.astype(jnp.int32),
     )
+    spec = check_mod_positions(spec, axes)
     dtype = _compute_dtype(_input_dtype(query, key, value))
     q = query.astype(dtype).reshape(q_seq, num_kv_heads, group, qk_size).transpose(1, 2, 0, 3)
     k = key.astype(dtype).transpose(1, 0, 2)

@@ -100,9 +100,15 @@ def document_mask_mod(segment_ids: Int[Array, " kv_seq"]) -> MaskMod:
 
     **Returns:**
 
-    `mask_mod(q_pos, kv_pos)`.
+    `mask_mod(q_pos, kv_pos)`, defined on the positions `0..len(segment_ids) - 1`: a call
+    whose queries or (visible) keys sit further on raises a `ValueError` naming both lengths,
+    rather than reading the last id for them (with a cache, give the ids of every slot).
     """
-    return lambda q_pos, kv_pos: segment_ids[q_pos] == segment_ids[kv_pos]
+
+    def mask_mod(q_pos, kv_pos):
+        return segment_ids[q_pos] == segment_ids[kv_pos]
+
+    return _defined_on(mask_mod, segment_ids.shape[0])
 
 
 def prefix_lm_mask_mod(prefix_length: int | Int[Array, ""]) -> MaskMod:
@@ -165,9 +171,11 @@ def and_mask_mods(*mask_mods: MaskMod) -> MaskMod:
 
     `mask_mod(q_pos, kv_pos)`.
     """
-    return lambda q_pos, kv_pos: functools.reduce(
-        jnp.logical_and, [mod(q_pos, kv_pos) for mod in mask_mods]
-    )
+
+    def mask_mod(q_pos, kv_pos):
+        return functools.reduce(jnp.logical_and, [mod(q_pos, kv_pos) for mod in mask_mods])
+
+    return _defined_on(mask_mod, *(_num_positions(mod) for mod in mask_mods))
 
 
 def or_mask_mods(*mask_mods: MaskMod) -> MaskMod:
@@ -177,6 +185,24 @@ def or_mask_mods(*mask_mods: MaskMod) -> MaskMod:
 
     `mask_mod(q_pos, kv_pos)`.
     """
-    return lambda q_pos, kv_pos: functools.reduce(
-        jnp.logical_or, [mod(q_pos, kv_pos) for mod in mask_mods]
-    )
+
+    def mask_mod(q_pos, kv_pos):
+        return functools.reduce(jnp.logical_or, [mod(q_pos, kv_pos) for mod in mask_mods])
+
+    return _defined_on(mask_mod, *(_num_positions(mod) for mod in mask_mods))
+
+
+def _num_positions(mod: MaskMod) -> int | None:
+    return getattr(mod, "num_positions", None)
+
+
+def _defined_on(mod: MaskMod, *num_positions: int | None) -> MaskMod:
+    """`mod`, marked as defined on the positions `0..n - 1` only, for the smallest given `n`.
+
+    `dot_product_attention` (through `as_data`) reads `num_positions` and refuses a call
+    whose positions run past it, where indexing would clamp silently.
+    """
+    known = [n for n in num_positions if n is not None]
+    if known:
+        mod.num_positions = min(known)  # pyright: ignore[reportFunctionMemberAccess]
+    return mod

@@ -15,6 +15,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+from equinox.internal import unvmap_any, unvmap_max
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from ._vma import eval_jaxpr, vary
@@ -28,19 +29,60 @@ MaskMod = Callable[[Array, Array], Array]
 ScoreMod = Callable[[Array, Array, Array, Array], Array]
 
 
+class TracedMod:
+    """A mod's jaxpr as a static field: equal to (and hashed like) any jaxpr that prints the
+    same, that is with the same equations, literals, and shapes and dtypes of its constants.
+
+    A mod is traced again in every call (`as_data`): compared by identity, the jaxpr would
+    make every call's spec new to the kernels' `jit` caches, and every call compile again.
+    The constants' values are leaves beside it ([`DataMod`][]`.consts`), so two mods that
+    differ only in the arrays they capture share one compiled kernel. Functions held in its
+    equations' parameters (a `custom_jvp` rule) print by name: two mods whose equations are
+    the same but for a derivative rule of the same name are taken to be the same.
+    """
+
+    def __init__(self, jaxpr: jax.extend.core.Jaxpr):
+        self.jaxpr = jaxpr
+        self._key = None
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            self._key = str(self.jaxpr)
+        return self._key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TracedMod) and (self is other or self.key == other.key)
+
+    def __repr__(self) -> str:
+        return f"TracedMod({self.key})"
+
+
 class DataMod(eqx.Module):
     """A mod whose captured arrays are leaves (`consts`), so they trace like any input.
 
-    `jaxpr` is the mod traced once on scalars, with every captured array (a tracer of any
-    transformation, learned or not) lifted into `consts`: it refers to no traced value, so it
-    can be a static field.
+    `traced` is the mod traced once on scalars, with every captured array (a tracer of any
+    transformation, learned or not) and every array constant it builds (NumPy arrays,
+    `jnp.asarray` of them) lifted into `consts`: it refers to no traced value, so it can be a
+    static field, and it compares by structure ([`TracedMod`][]). `num_positions`, when set,
+    is the number of positions the mod is defined on (a ready-made mod's arrays' length).
     """
 
-    jaxpr: jax.extend.core.Jaxpr = eqx.field(static=True)
+    traced: TracedMod = eqx.field(static=True)
     consts: tuple[Array, ...]
+    num_positions: int | None = eqx.field(static=True, default=None)
+
+    @property
+    def jaxpr(self) -> jax.extend.core.Jaxpr:
+        return self.traced.jaxpr
 
     def __call__(self, *args: Array) -> Array:
-        return eval_jaxpr(self.jaxpr, self.consts, *args)[0]
+        # A constant mod's output is a literal of the jaxpr: an array, to be broadcast.
+        out = eval_jaxpr(self.jaxpr, self.consts, *args)[0]
+        return jnp.asarray(out, self.jaxpr.outvars[0].aval.dtype)
 
 
 def as_data(mod: Callable | None, name: str, axes: tuple, *example_args: Array) -> DataMod | None:
@@ -73,7 +115,90 @@ def as_data(mod: Callable | None, name: str, axes: tuple, *example_args: Array) 
     want, kind = (jnp.bool_, "a bool") if name == "mask_mod" else (jnp.floating, "a float")
     if not jnp.issubdtype(out[0].dtype, want):
         raise ValueError(f"{name} must return {kind}, got dtype {out[0].dtype.name}")
-    return DataMod(closed.jaxpr, tuple(vary(closed.consts, axes)))
+    # Constants the mod builds itself (NumPy arrays, `jnp.asarray` of NumPy) come out of
+    # tracing as NumPy arrays: leaves like the captured ones, as JAX arrays.
+    consts = tuple(c if isinstance(c, jax.Array) else jnp.asarray(c) for c in closed.consts)
+    num_positions = getattr(mod, "num_positions", None)
+    return DataMod(TracedMod(closed.jaxpr), tuple(vary(consts, axes)), num_positions)
+
+
+
+def known(pred) -> bool | None:
+    """Whether any element of `pred` (of any example, under `vmap`) is True, when that is
+    known now: `None` when it depends on traced values (inside `jit`)."""
+    with jax.ensure_compile_time_eval():
+        pred = unvmap_any(jnp.asarray(pred))
+        try:
+            return bool(pred)
+        except jax.errors.ConcretizationTypeError:
+            return None
+
+
+def check(x, pred, message: Callable[[], str], traced_message: str):
+    """`x`, once `pred` is known to be all False.
+
+    Known now, a True `pred` raises `ValueError(message())`; traced, `x` comes back with an
+    `eqx.error_if` threaded onto it that raises `traced_message` at run time (as an
+    `equinox.EquinoxRuntimeError`), wherever `x` is used.
+    """
+    state = known(pred)
+    if state:
+        raise ValueError(message())
+    if state is None and any(eqx.is_array(leaf) for leaf in jax.tree.leaves(x)):
+        return eqx.error_if(x, pred, traced_message)
+    return x
+
+
+def check_mod_positions(spec: "AttentionSpec", axes: tuple = ()) -> "AttentionSpec":
+    """`spec`, once every mod that is defined on positions `0..n - 1` only (a ready-made mod
+    holding arrays, with `num_positions = n`) is known to see no position past them.
+
+    The positions seen are those of the real query rows (all rows, or the first
+    `query_seq_length`) and of the keys that may be visible (all slots, or the first
+    `key_value_seq_length`), by the position model. Known positions (static shapes, concrete
+    offsets, lengths and key positions) raise a `ValueError` naming both lengths here; traced
+    ones (under `jit`) raise when the call runs, through `eqx.error_if`, except inside
+    `shard_map` (`axes`), where they are not checked. Negative positions (empty key slots,
+    queries before the first key) are not checked: a mod sees them masked or not at all.
+    """
+    for name in ("mask_mod", "score_mod"):
+        mod = getattr(spec, name)
+        if mod is None or mod.num_positions is None:
+            continue
+        n = mod.num_positions
+        # Evaluated now where nothing is traced, also inside `jit`.
+        with jax.ensure_compile_time_eval():
+            rows, slots = spec.q_seq, spec.kv_seq
+            if spec.q_length is not None:
+                rows = jnp.clip(spec.q_length, 0, spec.q_seq)
+            if spec.kv_length is not None:
+                slots = jnp.clip(spec.kv_length, 0, spec.kv_seq)
+            last_q = jnp.where(rows > 0, spec.offset + rows - 1, -1)
+            if spec.key_positions is None:
+                last_k = jnp.asarray(slots - 1)
+            else:
+                filled = jnp.arange(spec.kv_seq) < slots
+                last_k = jnp.max(jnp.where(filled, spec.key_positions, -1), initial=-1)
+            need = jnp.maximum(last_q, last_k) + 1
+
+        def message(name=name, n=n, last_q=last_q, last_k=last_k, need=need):
+            with jax.ensure_compile_time_eval():
+                lq, lk, m = (int(unvmap_max(x)) for x in (last_q, last_k, need))
+            return (
+                f"{name} is defined on {n} positions (the length of its arrays), but this "
+                f"call needs {m}: its queries sit at positions up to {lq} and its keys up to "
+                f"{lk}; give the mod arrays that cover every position (with a cache, its "
+                "max_length)"
+            )
+
+        traced = (
+            f"{name} is defined on {n} positions (the length of its arrays), but this call's "
+            "query or key positions run past them (checked at run time, as they are traced)"
+        )
+        if axes and known(need > n) is None:
+            continue
+        spec = check(spec, need > n, message, traced)
+    return spec
 
 
 def elementwise(fn: Callable, *args: Array) -> Array:

@@ -72,3 +72,58 @@ def test_prefix_length_per_example_under_vmap():
 def test_chunk_size_must_be_positive():
     with pytest.raises(ValueError, match="chunk_size must be positive, got chunk_size=0"):
         ea.chunked_mask_mod(0)
+
+
+def test_document_mask_mod_shorter_than_the_positions_is_refused():
+    """Ids shorter than the positions the mod sees would be clamped into a wrong mask."""
+    ids = jnp.asarray(IDS[:8])
+    q = jnp.zeros((SEQ, 1, 4))
+    for call in (
+        lambda mod: ea.dot_product_attention(q, q, q, mask_mod=mod),
+        lambda mod: ea.dot_product_attention_weights(q, q, mask_mod=mod),
+        lambda mod: ea.make_block_plan(SEQ, SEQ, mask_mod=mod),
+        # Combined with others, the shortest array still decides.
+        lambda mod: ea.dot_product_attention(
+            q, q, q, mask_mod=ea.and_mask_mods(ea.prefix_lm_mask_mod(2), mod)
+        ),
+    ):
+        with pytest.raises(ValueError, match="8 positions.* 12"):
+            call(ea.document_mask_mod(ids))
+
+
+def test_document_mask_mod_positions_of_a_cache():
+    """Decoding: the queries sit after the cached tokens, at absolute positions."""
+    ids = jnp.asarray(IDS)
+    q, kv = jnp.zeros((2, 1, 4)), jnp.zeros((SEQ, 1, 4))
+    mod = ea.document_mask_mod(ids)
+    # Positions 10 and 11 are covered; 11 and 12 are not.
+    ea.dot_product_attention(q, kv, kv, mask_mod=mod, query_offset=10, is_causal=True)
+    with pytest.raises(ValueError, match="12 positions.* 13"):
+        ea.dot_product_attention(q, kv, kv, mask_mod=mod, query_offset=11, is_causal=True)
+    # Keys past the filled length are hidden, and so are the rows past the query length.
+    short = ea.document_mask_mod(ids[:6])
+    ea.dot_product_attention(
+        q, kv, kv, mask_mod=short, query_offset=4, key_value_seq_length=6, is_causal=True
+    )
+    with pytest.raises(ValueError, match="6 positions.* 12"):
+        ea.dot_product_attention(q, kv, kv, mask_mod=short, query_offset=4, is_causal=True)
+    # Key positions given explicitly.
+    positions = jnp.arange(SEQ, dtype=jnp.int32).at[3].set(20)
+    with pytest.raises(ValueError, match="12 positions.* 21"):
+        ea.dot_product_attention(q, kv, kv, mask_mod=mod, key_positions=positions)
+
+
+def test_document_mask_mod_positions_under_jit():
+    """A traced offset is checked at run time."""
+    ids = jnp.asarray(IDS)
+    q, kv = jnp.zeros((2, 1, 4)), jnp.zeros((SEQ, 1, 4))
+
+    @jax.jit
+    def step(offset):
+        return ea.dot_product_attention(
+            q, kv, kv, mask_mod=ea.document_mask_mod(ids), query_offset=offset, is_causal=True
+        )
+
+    jax.block_until_ready(step(10))
+    with pytest.raises(Exception, match="12 positions"):
+        jax.block_until_ready(step(11))
