@@ -16,6 +16,7 @@ from ._kernels import (
     cudnn_attention,
     xla_probs,
 )
+from ._kernels._plan import check_plan_matches, record_masking
 from ._spec import AttentionSpec, MaskMod, ScoreMod, as_data, check_mod_positions
 from ._vma import vma
 
@@ -133,8 +134,11 @@ def dot_product_attention(
       `"chunked"` for the rest (the threshold is in the implementations guide).
     - `block_plan`: a [`eqx_attention.BlockPlan`][] from [`eqx_attention.make_block_plan`][]
       with the same masking arguments, to reuse across layers and steps instead of
-      classifying the blocks again in every call; checked against the call's lengths. Used
-      by the blockwise kernel, ignored by the others.
+      classifying the blocks again in every call. Used by the blockwise and Pallas kernels,
+      ignored by the others, and checked against this call's masking whichever runs: a plan
+      built for other masking raises a `ValueError` naming the difference (under `jit`,
+      where the values are traced, a runtime error when the call runs).
+      `make_block_plan` lists what is compared and what is trusted.
     - `return_residual`: also return each row's log-sum-exp of the (masked, scaled, biased)
       logits, as `jax.nn.dot_product_attention(..., return_residual=True)` does. With it,
       attentions over disjoint key sets merge exactly: for outputs `o_i` with log-sum-exps
@@ -171,6 +175,9 @@ def dot_product_attention(
     weighs it out of a merge as `-inf` would.
     """
     spec, q, k, v, bias4 = _prepare(query, key, value, **spec_arguments(locals()))
+    if block_plan is not None:
+        # Whichever implementation runs, and whether it uses the plan or not.
+        q, query = check_plan_matches(block_plan, spec, (q, query))
     dtype = _input_dtype(query, key, value)
     impl = choose_implementation(spec, dtype, implementation, query.shape[2], value.shape[2])
     if impl == "cudnn":
@@ -228,6 +235,31 @@ def make_block_plan(
       `query_segment_ids`, `kv_segment_ids`, `query_offset`, `key_positions`, `mask_mod`: as
       in `dot_product_attention`.
 
+    **Checked on use.** The plan records the masking it was built from, and every call given
+    it compares that with its own, whichever implementation runs (also where the plan goes
+    unused), raising a `ValueError` that names the first difference:
+
+    - known when tracing, and compared then: `q_seq`, `kv_seq`, `is_causal`,
+      `local_window_size`; which of `mask`, the segment ids, `key_positions` and `mask_mod`
+      are given, with the mask's shape (its heads as given, whatever the key/value heads);
+      and `mask_mod`'s traced program: its operations and the Python numbers in it
+      (`prefix_lm_mask_mod(100)` is not `prefix_lm_mask_mod(1000)`);
+    - values: `query_seq_length` and `key_value_seq_length` (clipped to the sequence, which
+      also stands for a length not given), `query_offset` (the bottom-right alignment when
+      not given), and 32-bit digests of the segment ids, `key_positions`, `mask` and each
+      array `mask_mod` captures or builds (a scalar one as it is). Concrete on both sides
+      (also per example under `vmap`), they are compared at once. Traced on either side
+      (inside `jit`, where even a Python int length becomes an array), they are compared
+      when the call runs, through `eqx.error_if`: the call fails with a runtime error
+      naming the argument.
+
+    Trusted: values are compared as given, not by the mask they make (relabelled segment ids
+    differ; a length past the sequence equals the sequence); a digest misses a difference
+    with a probability of about `2**-32`; functions inside `mask_mod`'s program (a
+    `custom_jvp` rule) compare by name; and what the blocks do not depend on (`bias`,
+    `score_mod`, `scale`, dropout, sinks) is not compared. The block sizes are not part of
+    the record: the kernel that walks the plan checks its grid.
+
     **Returns:**
 
     A [`eqx_attention.BlockPlan`][].
@@ -236,7 +268,7 @@ def make_block_plan(
     query = jnp.zeros((q_seq, num_heads, 1))
     key = jnp.zeros((kv_seq, 1, 1))
     spec, *_ = _prepare(query, key, key, **spec_arguments(locals()))
-    return block_plan(spec)
+    return record_masking(block_plan(spec), spec)
 
 
 def dot_product_attention_weights(

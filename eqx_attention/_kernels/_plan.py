@@ -14,13 +14,16 @@ example with the most blocks needs, and a `lax.cond` (which `vmap` turns into a 
 computes both branches) is never involved.
 """
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_batching import custom_vmap
-from jaxtyping import Array, Bool, Int
+from jaxtyping import Array, Bool, Int, UInt32
 
-from .._spec import AttentionSpec, dense_block
+from .._spec import AttentionSpec, TracedMod, _mix32, dense_block, known
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -34,6 +37,10 @@ class BlockPlan(eqx.Module):
     the full ones (attended with no mask at all), `kv_index[i, 1, :partial]` the partial
     ones. `q_count`/`q_index` are the transpose, for the backward pass. The plan is
     O(q_seq * kv_seq / block**2) integers; `jax.vmap` the builder for a batch.
+
+    It also records the masking it was built from (`masking`, with the values or digests of
+    the traced arguments in `fingerprint`), which every call given the plan checks against
+    its own: see [`eqx_attention.make_block_plan`][].
     """
 
     kv_count: Int[Array, "num_q 2"]
@@ -42,6 +49,11 @@ class BlockPlan(eqx.Module):
     q_index: Int[Array, "num_k 2 num_q"]
     # What the plan was built for, `(q_seq, kv_seq, block_q, block_k)`: checked on use.
     grid: tuple[int, int, int, int] = eqx.field(static=True)
+    # The masking it was built from (`record_masking`), whatever the block sizes: `(name,
+    # value, digest)` entries, where an array's value is `ARRAY`, standing for the next
+    # entry of `fingerprint`. `None` for a plan a kernel built for its own use.
+    masking: tuple[tuple[str, object, bool], ...] | None = eqx.field(static=True, default=None)
+    fingerprint: tuple[Array, ...] = ()
 
 
 def block_states(spec: AttentionSpec, block_q: int, block_k: int) -> Int[Array, "num_q num_k"]:
@@ -175,6 +187,167 @@ def check_plan(plan: BlockPlan, grid: tuple[int, int, int, int]) -> None:
             f"q_seq={g[0]}, kv_seq={g[1]} on {g[2]} x {g[3]} blocks" for g in (plan.grid, grid)
         )
         raise ValueError(f"block_plan was built for {built}, but this call has {call}")
+
+
+class _Array:
+    """A `BlockPlan.masking` value that is an array, kept in the plan's `fingerprint`."""
+
+    def __repr__(self) -> str:
+        return "ARRAY"
+
+
+ARRAY = _Array()
+# The sources whose presence a plan records by the shape of their array.
+_SHAPED = ("mask", "query_segment_ids", "key_positions")
+
+
+def masking_entries(spec: AttentionSpec) -> list[tuple[str, object, bool]]:
+    """What a plan's blocks depend on, as `(name, value, digest)`, independent of block sizes.
+
+    First the structure, known when tracing: the sizes, `is_causal`, the window, which dense
+    mask, segment ids, key positions and `mask_mod` there are (by shape, and the mod by its
+    jaxpr). Then the values: the lengths (clipped to the sequences, the sequence itself when
+    not given) and the query offset, Python ints where the spec has no array for them, and
+    32-bit digests (`digest=True`) of the segment ids, key positions, dense mask and of the
+    arrays `mask_mod` captures (a captured scalar is kept as it is).
+    """
+    mask = spec.mask
+    entries = [
+        ("q_seq", spec.q_seq, False),
+        ("kv_seq", spec.kv_seq, False),
+        ("is_causal", spec.is_causal, False),
+        ("local_window_size", spec.window, False),
+        ("mask", None if mask is None else (mask.shape[0] * mask.shape[1], *mask.shape[2:]), False),
+        ("query_segment_ids", _shape(spec.q_segment_ids), False),
+        ("key_positions", _shape(spec.key_positions), False),
+        ("mask_mod", None if spec.mask_mod is None else spec.mask_mod.traced, False),
+        ("query_seq_length", _clipped(spec.q_length, spec.q_seq), False),
+        ("key_value_seq_length", _clipped(spec.kv_length, spec.kv_seq), False),
+        ("query_offset", spec.offset, False),
+    ]
+    arrays = [
+        ("query_segment_ids", spec.q_segment_ids),
+        ("kv_segment_ids", spec.kv_segment_ids),
+        ("key_positions", spec.key_positions),
+        ("mask", mask),
+    ]
+    if spec.mask_mod is not None:
+        consts = spec.mask_mod.consts
+        arrays += [(f"mask_mod's captured array {i}", c) for i, c in enumerate(consts)]
+    for name, x in arrays:
+        if x is not None:
+            scalar = name.startswith("mask_mod") and x.ndim == 0
+            entries.append((name, x if scalar else _digest(x), not scalar))
+    return entries
+
+
+def record_masking(plan: BlockPlan, spec: AttentionSpec) -> BlockPlan:
+    """`plan`, recording that it was built for `spec`'s masking (see `check_plan_matches`)."""
+    entries = masking_entries(spec)
+    masking = tuple((n, ARRAY if eqx.is_array(v) else v, d) for n, v, d in entries)
+    fingerprint = tuple(v for _, v, _ in entries if eqx.is_array(v))
+    return dataclasses.replace(plan, masking=masking, fingerprint=fingerprint)
+
+
+def check_plan_matches(plan: BlockPlan, spec: AttentionSpec, x):
+    """`x`, once `plan` is known to have been built for `spec`'s masking.
+
+    Compares every entry of [`masking_entries`][] in order. A difference known now raises a
+    `ValueError` naming it: any difference in structure, and values that are concrete on
+    both sides (also under `vmap`, per example). Values traced on either side (inside `jit`)
+    are compared when the call runs: `x` comes back with an `eqx.error_if` threaded onto it,
+    so the call raises at run time, naming the entry, wherever `x` is used.
+    """
+    if plan.masking is None:
+        raise ValueError(
+            "block_plan records no masking to check against this call's: build it with "
+            "eqx_attention.make_block_plan"
+        )
+    fingerprint = iter(plan.fingerprint)
+    built = [(n, next(fingerprint) if v is ARRAY else v, d) for n, v, d in plan.masking]
+    call = masking_entries(spec)
+    sizes = [(v, w) for (n, v, _), (_, w, _) in zip(built[:2], call[:2], strict=True)]
+    if any(v != w for v, w in sizes):
+        (q0, q1), (k0, k1) = sizes
+        raise ValueError(
+            f"block_plan was built for q_seq={q0}, kv_seq={k0}, but this call has "
+            f"q_seq={q1}, kv_seq={k1}"
+        )
+    preds, messages = [], []
+    # The structure comes first: where it matches, both lists have the same entries.
+    for (name, mine, digest), (_, theirs, _) in zip(built, call, strict=False):
+        if not (eqx.is_array(mine) or eqx.is_array(theirs)):
+            if mine != theirs:
+                raise ValueError(f"block_plan was built for {_difference(name, mine, theirs)}")
+            continue
+        with jax.ensure_compile_time_eval():
+            differs = jnp.asarray(mine) != jnp.asarray(theirs)
+        state = known(differs)
+        if state:
+            values = "" if digest else _values(name, mine, theirs)
+            values = values or f"other {name} values than this call's"
+            raise ValueError(f"block_plan was built for {values}")
+        if state is None:
+            preds.append(differs)
+            messages.append(
+                f"block_plan was built for other {name} values than this call's (compared "
+                "at run time, as they are traced)"
+            )
+    if not preds:
+        return x
+    flags = jnp.stack(jnp.broadcast_arrays(*preds))
+    return eqx.branched_error_if(x, jnp.any(flags), jnp.argmax(flags), messages)
+
+
+def _shape(x) -> tuple[int, ...] | None:
+    return None if x is None else tuple(x.shape)
+
+
+def _clipped(length, seq: int):
+    return seq if length is None else jnp.clip(length, 0, seq)
+
+
+def _digest(x: Array) -> UInt32[Array, ""]:
+    """A 32-bit digest of `x`'s values and their order (a difference escapes it with a
+    probability of about `2**-32`)."""
+    x = jnp.ravel(x)
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+        bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
+    index = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+    return jnp.sum(_mix32(bits ^ _mix32(index * jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+
+
+def _difference(name: str, mine, theirs) -> str:
+    """`"<the plan's>, but this call has <the call's>"` for a structural entry."""
+    if isinstance(mine, TracedMod) and isinstance(theirs, TracedMod):
+        lines = zip(mine.key.splitlines(), theirs.key.splitlines(), strict=False)
+        first = next(((a, b) for a, b in lines if a != b), (mine.key, theirs.key))
+        a, b = (line.strip() for line in first)
+        return f"a different mask_mod: it traces to `{a}`, where this call's traces to `{b}`"
+    return f"{_describe(name, mine)}, but this call has {_describe(name, theirs)}"
+
+
+def _describe(name: str, value) -> str:
+    if value is None:
+        return f"{name}=None"
+    if isinstance(value, TracedMod):
+        return f"a {name}"
+    if name in _SHAPED:
+        return f"{name} of shape {value}"
+    return f"{name}={value!r}"
+
+
+def _values(name: str, mine, theirs) -> str:
+    """`"<name>=<the plan's>, but this call has <name>=<the call's>"` where both are
+    concrete scalars (not under `vmap`); empty otherwise."""
+    try:
+        a, b = (np.asarray(v).item() for v in (mine, theirs))
+    except Exception:  # a traced value, or a batch of them
+        return ""
+    return f"{name}={a}, but this call has {name}={b}"
 
 
 def run_plan(count, index, step, carry):
