@@ -133,13 +133,17 @@ def test_plan_for_other_masking_is_refused_under_jit(case, small_blocks):
 )
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_matching_plan_is_accepted(options, implementation, small_blocks):
+    """Eagerly and under `jit`, where the traced values are compared at run time (the
+    blockwise kernel under `jit` only, to keep the test short: the check runs before any
+    implementation, and eagerly the same for all)."""
     q, k, v = _qkv()
     plan = ea.make_block_plan(SEQ, SEQ, **options)
     want = ea.dot_product_attention(q, k, v, implementation="xla", **options)
-    got = ea.dot_product_attention(
-        q, k, v, block_plan=plan, implementation=implementation, **options
-    )
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    if implementation != "chunked":
+        got = ea.dot_product_attention(
+            q, k, v, block_plan=plan, implementation=implementation, **options
+        )
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     arrays, static = eqx.partition(options, eqx.is_array)
 
     @jax.jit
