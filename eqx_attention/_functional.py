@@ -207,6 +207,7 @@ def make_block_plan(
     query_offset: Length | None = None,
     key_positions: Int[Array, " kv_seq"] | None = None,
     mask_mod: MaskMod | None = None,
+    block_size: int | tuple[int, int] | None = None,
 ) -> BlockPlan:
     """Which blocks [`eqx_attention.dot_product_attention`][] visits, built once for reuse.
 
@@ -234,6 +235,11 @@ def make_block_plan(
     - `mask`, `is_causal`, `query_seq_length`, `key_value_seq_length`, `local_window_size`,
       `query_segment_ids`, `kv_segment_ids`, `query_offset`, `key_positions`, `mask_mod`: as
       in `dot_product_attention`.
+    - `block_size`: the plan's `(block_q, block_k)` (or one size for both): the tiles of the
+      kernel that walks it, which takes them from the plan. By default those of the kernel
+      the automatic rule runs here: 512 x 512 for the blockwise kernel on a CPU, 64 x 64 for
+      the Pallas kernel on a GPU (whose blocks must be powers of two of at least 16). Blocks
+      longer than a sequence are cut to its length.
 
     **Checked on use.** The plan records the masking it was built from, and every call given
     it compares that with its own, whichever implementation runs (also where the plan goes
@@ -268,7 +274,9 @@ def make_block_plan(
     query = jnp.zeros((q_seq, num_heads, 1))
     key = jnp.zeros((kv_seq, 1, 1))
     spec, *_ = _prepare(query, key, key, **spec_arguments(locals()))
-    return record_masking(block_plan(spec), spec)
+    if isinstance(block_size, int):
+        block_size = (block_size, block_size)
+    return record_masking(block_plan(spec, block_size), spec)
 
 
 def dot_product_attention_weights(

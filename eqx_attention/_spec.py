@@ -81,8 +81,53 @@ class DataMod(eqx.Module):
 
     def __call__(self, *args: Array) -> Array:
         # A constant mod's output is a literal of the jaxpr: an array, to be broadcast.
-        out = eval_jaxpr(self.jaxpr, self.consts, *args)[0]
+        out = eval_jaxpr(self.jaxpr, self.consts, *args, rule=_read_tables)[0]
         return jnp.asarray(out, self.jaxpr.outvars[0].aval.dtype)
+
+
+class Table:
+    """An array a kernel reads by lookups rather than as a whole: a spec leaf inside a Pallas
+    kernel (see `_kernels/_in_kernel.py`).
+
+    A mod that indexes a captured array with positions (`ids[q_pos]`, `slopes[head]`, a
+    relative-position table) does so with one-element `dynamic_slice`s, which a Triton kernel
+    cannot lower on a loaded array; on a table they become `lookup`s. `read(*idx)` reads the
+    elements at the (in-range) integer index arrays `idx`; `load()` reads the whole array,
+    for any other use.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype, read: Callable, load: Callable):
+        self.shape, self.dtype, self.read, self.load = shape, dtype, read, load
+
+    def lookup(self, *idx: Array) -> Array:
+        return self.read(*idx)
+
+    def __getitem__(self, i: int) -> Array:
+        return self.read(jnp.int32(i))
+
+
+def _read_tables(eqn, inputs) -> list | None:
+    """`eval_jaxpr`'s rule for equations that read a [`Table`][]: an element lookup (what
+    indexing with scalar positions traces to) reads the table there, anything else loads it.
+    `None` for equations that touch no table."""
+    if not any(isinstance(x, Table) for x in inputs):
+        return None
+    name = eqn.primitive.name
+    if name == "jit":
+        inner = eqn.params["jaxpr"]
+        return eval_jaxpr(inner.jaxpr, inner.consts, *inputs, rule=_read_tables)
+    table = inputs[0]
+    if (
+        name == "dynamic_slice"
+        and isinstance(table, Table)
+        and set(eqn.params["slice_sizes"]) == {1}
+    ):
+        # `dynamic_slice` clamps its start indices into the array.
+        idx = [jnp.clip(i, 0, n - 1) for i, n in zip(inputs[1:], table.shape, strict=True)]
+        return [jnp.reshape(table.lookup(*idx), (1,) * len(idx))]
+    inputs = [x.load() if isinstance(x, Table) else x for x in inputs]
+    outputs = eqn.primitive.bind(*inputs, **eqn.params)
+    return outputs if eqn.primitive.multiple_results else [outputs]
 
 
 def as_data(mod: Callable | None, name: str, axes: tuple, *example_args: Array) -> DataMod | None:
@@ -120,7 +165,6 @@ def as_data(mod: Callable | None, name: str, axes: tuple, *example_args: Array) 
     consts = tuple(c if isinstance(c, jax.Array) else jnp.asarray(c) for c in closed.consts)
     num_positions = getattr(mod, "num_positions", None)
     return DataMod(TracedMod(closed.jaxpr), tuple(vary(consts, axes)), num_positions)
-
 
 
 def known(pred) -> bool | None:
@@ -292,16 +336,20 @@ class AttentionSpec(eqx.Module):
         q_idx: Int[Array, " bq"],
         kv_idx: Int[Array, " bk"],
         bias: Float[Array, "_ _ _ _"] | None,
+        heads: Int[Array, "_ _ #bq 1"] | None = None,
     ) -> Float[Array, "K G bq bk"]:
         """Scaled, score-modded, soft-capped and biased logits, in that order.
 
         The bias comes after the cap, as Gemma 2 masks after capping: a bias of `-inf` (or
         `-1e9`) used as an additive mask keeps hiding its key instead of becoming `-cap`.
+        `heads` is the query head of each row, for kernels whose rows hold several heads
+        (by default, [`head_index`][] of the `[K, G]` axes).
         """
         s = logits * self.scale
         if self.score_mod is not None:
             q_pos, kv_pos = self._real_positions(q_idx, kv_idx)
-            s = elementwise(self.score_mod, s, self.head_index, q_pos, kv_pos)
+            heads = self.head_index if heads is None else heads
+            s = elementwise(self.score_mod, s, heads, q_pos, kv_pos)
         if self.logit_softcap is not None:
             s = self.logit_softcap * jnp.tanh(s / self.logit_softcap)
         if bias is not None:
@@ -359,18 +407,24 @@ class AttentionSpec(eqx.Module):
         q_pos = self.q_positions(jnp.minimum(q_idx, self.q_seq - 1))
         return q_pos[:, None], self.kv_positions(jnp.minimum(kv_idx, self.kv_seq - 1))[None, :]
 
-    def keep(self, q_idx: Int[Array, " bq"], kv_idx: Int[Array, " bk"]) -> Bool[Array, "_ G bq bk"]:
+    def keep(
+        self,
+        q_idx: Int[Array, " bq"],
+        kv_idx: Int[Array, " bk"],
+        heads: Int[Array, "_ _ #bq 1"] | None = None,
+    ) -> Bool[Array, "_ _ bq bk"]:
         """Dropout keep-mask: a counter-based hash of (seed, head, query, key).
 
         Being a pure function of absolute indices, the mask is identical in every
         implementation and for every block size, and the backward pass regenerates it
-        instead of storing it.
+        instead of storing it. `heads` is as in [`scores`][].
         """
         assert self.dropout_seed is not None and self.dropout_p is not None
         seed0, seed1 = self.dropout_seed[0], self.dropout_seed[1]
         h = _mix32(q_idx.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + seed0)[:, None]
         h = _mix32(h ^ (kv_idx.astype(jnp.uint32)[None, :] * jnp.uint32(0x85EBCA6B) + seed1))
-        h = _mix32(h[None, None] ^ (self.head_index.astype(jnp.uint32) * jnp.uint32(0xC2B2AE35)))
+        heads = self.head_index if heads is None else heads
+        h = _mix32(h[None, None] ^ (heads.astype(jnp.uint32) * jnp.uint32(0xC2B2AE35)))
         # A float32 rate below one times 2**32 is at most 2**32 - 256: it fits in uint32.
         threshold = (self.dropout_p * 2.0**32).astype(jnp.uint32)
         return h >= threshold
@@ -438,8 +492,10 @@ def replace(spec: AttentionSpec, **changes) -> AttentionSpec:
     return type(spec)(**fields)
 
 
-def _take(ids: Int[Array, " n"], idx: Int[Array, "*b"]) -> Int[Array, "*b"]:
+def _take(ids: "Int[Array, ' n'] | Table", idx: Int[Array, "*b"]) -> Int[Array, "*b"]:
     # Padded block positions may run past the end; they are masked elsewhere.
+    if isinstance(ids, Table):
+        return ids.lookup(jnp.clip(idx, 0, ids.shape[0] - 1))
     return jnp.take(ids, idx, mode="clip")
 
 

@@ -225,7 +225,8 @@ def test_cudnn_refuses_sinks(rng, monkeypatch):
     plain, *_ = _prepare(q, k, v)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # as if on a GPU
     assert kernels.choose_implementation(plain, q.dtype, None, 8, 8) == "cudnn"
-    assert kernels.choose_implementation(sunk, q.dtype, None, 8, 8) == "xla"
+    # On a GPU, what cuDNN cannot run goes to the Pallas kernel.
+    assert kernels.choose_implementation(sunk, q.dtype, None, 8, 8) == "pallas"
     with pytest.raises(ValueError, match="does not support sinks"):
         kernels.choose_implementation(sunk, q.dtype, "cudnn", 8, 8)
 

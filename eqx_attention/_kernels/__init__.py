@@ -2,11 +2,13 @@
 
 from typing import Literal
 
+import jax
+
 from .._spec import AttentionSpec
 from ._chunked import block_plan as _block_plan, chunked_attention as _blockwise
 from ._cudnn import cudnn_attention as cudnn_attention, cudnn_unsupported
 from ._decode import decode_attention
-from ._pallas import pallas_attention, pallas_unsupported
+from ._pallas import default_blocks, pallas_attention, pallas_unsupported
 from ._plan import BlockPlan as BlockPlan
 from ._xla import xla_attention as xla_attention, xla_probs as xla_probs
 
@@ -56,8 +58,13 @@ def blockwise_attention(
     return chunked_attention(q, k, v, spec, bias, plan)
 
 
-def block_plan(spec: AttentionSpec) -> BlockPlan:
-    return _block_plan(spec, (BLOCK_Q, BLOCK_K, FINE_Q, FINE_K))
+def block_plan(spec: AttentionSpec, block_size: tuple[int, int] | None = None) -> BlockPlan:
+    """The plan for `spec` on `block_size` blocks, by default the tiles of the kernel the
+    automatic rule runs on this platform (the Pallas kernel's on a GPU)."""
+    if block_size is None:
+        on_gpu = jax.default_backend() == "gpu"
+        block_size = default_blocks(spec.q_seq, spec.kv_seq) if on_gpu else (BLOCK_Q, BLOCK_K)
+    return _block_plan(spec, block_size * 2)
 
 
 def choose_implementation(

@@ -175,8 +175,9 @@ def _compiler_params(head_size: int):
 
 
 def interpret() -> bool:
-    """Whether kernels run in Pallas interpret mode: everywhere but on a GPU."""
-    return jax.default_backend() != "gpu"
+    """Whether kernels run in Pallas interpret mode: everywhere but on a GPU (the device the
+    computation lands on, whatever `jax.default_backend` is made to say)."""
+    return jax.devices()[0].platform != "gpu"
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, name, head_size: int = 128, **kwargs):
