@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import eqx_attention as ea
 from eqx_attention import _kernels as kernels
 
-IMPLEMENTATIONS = ("xla", "chunked")
+# "pallas" runs in Pallas interpret mode here, with its default tiles.
+IMPLEMENTATIONS = ("xla", "chunked", "pallas")
 # Coarse blocks and the finer steps the kernel takes along causal/window edges (which must
 # divide them); tiny, so 13 queries or keys already make several partial blocks.
 SMALL_BLOCKS = {"BLOCK_Q": 4, "BLOCK_K": 8, "FINE_Q": 2, "FINE_K": 4}
