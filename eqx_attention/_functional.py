@@ -5,6 +5,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Inexact, Int, PRNGKeyArray
 
 from ._kernels import (
@@ -18,20 +19,21 @@ from ._kernels import (
 )
 from ._kernels._plan import check_plan_matches, record_masking
 from ._spec import AttentionSpec, MaskMod, ScoreMod, as_data, check_mod_positions
+from ._typing import ArrayOrNumPy
 from ._vma import vma
 
 # A `(kv_seq,)` array is a key-padding mask (or a per-key bias) shared by every query.
 BiasArray = (
-    Float[Array, "#num_heads #q_seq #kv_seq"]
-    | Float[Array, "#q_seq #kv_seq"]
-    | Float[Array, "#kv_seq"]
+    Float[ArrayOrNumPy, "#num_heads #q_seq #kv_seq"]
+    | Float[ArrayOrNumPy, "#q_seq #kv_seq"]
+    | Float[ArrayOrNumPy, "#kv_seq"]
 )
 MaskArray = (
-    Bool[Array, "#num_heads #q_seq #kv_seq"]
-    | Bool[Array, "#q_seq #kv_seq"]
-    | Bool[Array, "#kv_seq"]
+    Bool[ArrayOrNumPy, "#num_heads #q_seq #kv_seq"]
+    | Bool[ArrayOrNumPy, "#q_seq #kv_seq"]
+    | Bool[ArrayOrNumPy, "#kv_seq"]
 )
-Length = int | Int[Array, ""]
+Length = int | np.integer | Int[ArrayOrNumPy, ""]
 # An array rate can be changed (with `eqx.tree_at`, or traced) without recompiling.
 DropoutRate = float | int | Float[Array, ""]
 Output = Float[Array, "q_seq num_heads vo_size"]
@@ -39,9 +41,9 @@ Residual = Float[Array, "q_seq num_heads"]
 
 
 def dot_product_attention(
-    query: Inexact[Array, "q_seq num_heads qk_size"],
-    key: Inexact[Array, "kv_seq num_kv_heads qk_size"],
-    value: Inexact[Array, "kv_seq num_kv_heads vo_size"],
+    query: Inexact[ArrayOrNumPy, "q_seq num_heads qk_size"],
+    key: Inexact[ArrayOrNumPy, "kv_seq num_kv_heads qk_size"],
+    value: Inexact[ArrayOrNumPy, "kv_seq num_kv_heads vo_size"],
     bias: BiasArray | None = None,
     mask: MaskArray | None = None,
     *,
@@ -50,14 +52,14 @@ def dot_product_attention(
     query_seq_length: Length | None = None,
     key_value_seq_length: Length | None = None,
     local_window_size: int | tuple[int, int] | None = None,
-    query_segment_ids: Int[Array, " q_seq"] | None = None,
-    kv_segment_ids: Int[Array, " kv_seq"] | None = None,
+    query_segment_ids: Int[ArrayOrNumPy, " q_seq"] | None = None,
+    kv_segment_ids: Int[ArrayOrNumPy, " kv_seq"] | None = None,
     query_offset: Length | None = None,
-    key_positions: Int[Array, " kv_seq"] | None = None,
+    key_positions: Int[ArrayOrNumPy, " kv_seq"] | None = None,
     logit_softcap: float | int | None = None,
     mask_mod: MaskMod | None = None,
     score_mod: ScoreMod | None = None,
-    sinks: Float[Array, " num_heads"] | None = None,
+    sinks: Float[ArrayOrNumPy, " num_heads"] | None = None,
     dropout_p: DropoutRate = 0.0,
     dropout_key: PRNGKeyArray | None = None,
     implementation: Implementation | None = None,
@@ -86,7 +88,9 @@ def dot_product_attention(
     - `is_causal`: a query may only attend to keys at or before its own position.
     - `query_seq_length`, `key_value_seq_length`: the number of real (non-padding) query and
       key positions of this example; an int or an int scalar array (so a batch of lengths
-      can be `vmap`ped). Padded query rows output zeros.
+      can be `vmap`ped). Padded query rows output zeros. A concrete length outside
+      `[0, q_seq]` (`[0, kv_seq]` for keys) raises a `ValueError`; a traced one (under
+      `jit` or `vmap`) cannot be checked and is clipped to that range.
     - `local_window_size`: `w` or `(left, right)`: a query at position `p` sees keys in
       `[p - left, p + right]`.
     - `query_segment_ids`, `kv_segment_ids`: int arrays `(q_seq,)` and `(kv_seq,)`; a query
@@ -164,16 +168,20 @@ def dot_product_attention(
     keys and values computes in float32), explicitly, so the function also runs under
     `jax.numpy_dtype_promotion("strict")`. Logits, softmax and accumulation run in float32
     whatever the input dtype; a query row that may attend to no key at all outputs exactly
-    zero, with zero gradients. Complex inputs are refused with a `ValueError`.
+    zero, with zero gradients. Complex inputs are refused with a `ValueError`. Any array
+    argument may also be a NumPy array, as in `jax.nn`: it is converted with `jnp.asarray`
+    (so float64 becomes float32 unless 64-bit mode is on) and its shape checked alike.
 
     **Returns:**
 
     Array of shape `(q_seq, num_heads, vo_size)` in the promoted dtype of the inputs. With
-    `return_residual=True`, the tuple `(output, lse)` where `lse` is float32 of shape
-    `(q_seq, num_heads)` (jax.nn's layout, without the batch axis) and carries no gradient;
-    a row that sees no key has a large negative finite `lse` (about `-2.4e38`), which
-    weighs it out of a merge as `-inf` would.
+    `return_residual=True`, the tuple `(output, lse)` where `lse` has shape
+    `(q_seq, num_heads)` and the output's dtype (jax.nn's layout, without the batch axis,
+    and jax.nn's dtype: computed in float32, then cast) and carries no gradient; a row that
+    sees no key has a large negative finite `lse` (about `-2.4e38`; float16's lowest,
+    `-65504`, in float16), which weighs it out of a merge as `-inf` would.
     """
+    query, key, value, bias, mask = _as_arrays(query, key, value, bias, mask)
     spec, q, k, v, bias4 = _prepare(query, key, value, **spec_arguments(locals()))
     if block_plan is not None:
         # Whichever implementation runs, and whether it uses the plan or not.
@@ -190,7 +198,12 @@ def dot_product_attention(
         out = jnp.transpose(out, (2, 0, 1, 3)).reshape(q_seq, num_kv_heads * group, vo_size)
         lse = jnp.transpose(lse, (2, 0, 1)).reshape(q_seq, num_kv_heads * group)
     out = out.astype(dtype)
-    return (out, lse) if return_residual else out
+    if not return_residual:
+        return out
+    # In the output's dtype, as jax.nn returns it; clipped to its range first, so that an
+    # empty row's fill stays finite in float16.
+    bound = float(jnp.finfo(dtype).max)
+    return out, jnp.clip(lse, -bound, bound).astype(dtype)
 
 
 def make_block_plan(
@@ -202,10 +215,10 @@ def make_block_plan(
     query_seq_length: Length | None = None,
     key_value_seq_length: Length | None = None,
     local_window_size: int | tuple[int, int] | None = None,
-    query_segment_ids: Int[Array, " q_seq"] | None = None,
-    kv_segment_ids: Int[Array, " kv_seq"] | None = None,
+    query_segment_ids: Int[ArrayOrNumPy, " q_seq"] | None = None,
+    kv_segment_ids: Int[ArrayOrNumPy, " kv_seq"] | None = None,
     query_offset: Length | None = None,
-    key_positions: Int[Array, " kv_seq"] | None = None,
+    key_positions: Int[ArrayOrNumPy, " kv_seq"] | None = None,
     mask_mod: MaskMod | None = None,
     block_size: int | tuple[int, int] | None = None,
 ) -> BlockPlan:
@@ -280,8 +293,8 @@ def make_block_plan(
 
 
 def dot_product_attention_weights(
-    query: Inexact[Array, "q_seq num_heads qk_size"],
-    key: Inexact[Array, "kv_seq num_kv_heads qk_size"],
+    query: Inexact[ArrayOrNumPy, "q_seq num_heads qk_size"],
+    key: Inexact[ArrayOrNumPy, "kv_seq num_kv_heads qk_size"],
     bias: BiasArray | None = None,
     mask: MaskArray | None = None,
     *,
@@ -290,14 +303,14 @@ def dot_product_attention_weights(
     query_seq_length: Length | None = None,
     key_value_seq_length: Length | None = None,
     local_window_size: int | tuple[int, int] | None = None,
-    query_segment_ids: Int[Array, " q_seq"] | None = None,
-    kv_segment_ids: Int[Array, " kv_seq"] | None = None,
+    query_segment_ids: Int[ArrayOrNumPy, " q_seq"] | None = None,
+    kv_segment_ids: Int[ArrayOrNumPy, " kv_seq"] | None = None,
     query_offset: Length | None = None,
-    key_positions: Int[Array, " kv_seq"] | None = None,
+    key_positions: Int[ArrayOrNumPy, " kv_seq"] | None = None,
     logit_softcap: float | int | None = None,
     mask_mod: MaskMod | None = None,
     score_mod: ScoreMod | None = None,
-    sinks: Float[Array, " num_heads"] | None = None,
+    sinks: Float[ArrayOrNumPy, " num_heads"] | None = None,
 ) -> Float[Array, "num_heads q_seq kv_seq"]:
     """The attention probabilities that [`eqx_attention.dot_product_attention`][] uses.
 
@@ -339,6 +352,10 @@ def _prepare(
     dropout_key=None,
 ):
     """Validate the arguments; build the spec and the kernels' `[K, G, T, D]` layout."""
+    query, key, value, bias, mask = _as_arrays(query, key, value, bias, mask)
+    query_segment_ids, kv_segment_ids, key_positions, sinks = _as_arrays(
+        query_segment_ids, kv_segment_ids, key_positions, sinks
+    )
     q_seq, num_heads, qk_size = query.shape
     kv_seq, num_kv_heads, _ = key.shape
     dtypes = {"query": query.dtype, "key": key.dtype, "value": value.dtype}
@@ -381,8 +398,8 @@ def _prepare(
             score_mod, "score_mod", axes, jnp.float32(0), position, position, position
         ),
         mask=None if mask is None else _split_heads(mask, num_kv_heads, group),
-        q_length=_length(query_seq_length),
-        kv_length=_length(key_value_seq_length),
+        q_length=_seq_length(query_seq_length, "query_seq_length", "q_seq", q_seq),
+        kv_length=_seq_length(key_value_seq_length, "key_value_seq_length", "kv_seq", kv_seq),
         q_segment_ids=query_segment_ids,
         kv_segment_ids=kv_segment_ids,
         dropout_seed=None if dropout_rate is None else _seed(dropout_key),
@@ -477,6 +494,28 @@ def _window(local_window_size) -> tuple[int, int] | None:
 
 def _length(length):
     return None if length is None else jnp.asarray(length, dtype=jnp.int32)
+
+
+def _seq_length(length, name: str, seq_name: str, seq: int):
+    """A real length as an int32 scalar in `[0, seq]`: a concrete one outside raises, a traced
+    one (under `jit` or `vmap`), which cannot be inspected, is clipped."""
+    if length is None:
+        return None
+    try:
+        value = int(length)
+    except jax.errors.ConcretizationTypeError:
+        value = None
+    if value is not None and not 0 <= value <= seq:
+        raise ValueError(
+            f"{name}={value} is outside [0, {seq}]: it counts the real positions among the "
+            f"{seq_name}={seq} of this call"
+        )
+    return jnp.clip(jnp.asarray(length, dtype=jnp.int32), 0, seq)
+
+
+def _as_arrays(*xs):
+    """NumPy arguments as jax arrays (`None` stays `None`), as jax.nn converts them."""
+    return tuple(None if x is None else jnp.asarray(x) for x in xs)
 
 
 def _seed(key):

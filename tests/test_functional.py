@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+from jaxtyping import TypeCheckError
 
 import eqx_attention as ea
 from eqx_attention import _kernels as kernels
@@ -271,6 +272,10 @@ CAUSAL_WINDOW_LENGTHS = {
     "key_value_seq_length": 9,
     "query_seq_length": 3,
 }
+# The same with lengths within the shapes of the tall and decode cases (a length beyond
+# `q_seq` or `kv_seq` is an error): 4 of the 5 keys real; the decode step's one query real.
+CAUSAL_WINDOW_LENGTHS_TALL = {**CAUSAL_WINDOW_LENGTHS, "key_value_seq_length": 4}
+CAUSAL_WINDOW_LENGTHS_DECODE = {**CAUSAL_WINDOW_LENGTHS, "query_seq_length": 1}
 
 
 @pytest.mark.parametrize(
@@ -280,8 +285,8 @@ CAUSAL_WINDOW_LENGTHS = {
         (13, 5, {"is_causal": True}),
         (5, 13, {"local_window_size": (3, 1)}),
         (13, 5, {"local_window_size": (3, 1)}),
-        (13, 5, CAUSAL_WINDOW_LENGTHS),
-        (1, 13, CAUSAL_WINDOW_LENGTHS),
+        (13, 5, CAUSAL_WINDOW_LENGTHS_TALL),
+        (1, 13, CAUSAL_WINDOW_LENGTHS_DECODE),
     ],
     ids=["causal", "causal_tall", "window", "window_tall", "all_tall", "all_decode"],
 )
@@ -992,3 +997,94 @@ def test_python_int_lengths_under_jit_vmap_and_grad(q_seq):
     expected = jax.grad(loss)(q)
     assert grads.shape == q.shape and jnp.allclose(grads, expected, atol=1e-5)
     assert jnp.abs(grads).max() > 0.1
+
+
+# --------------------------------------------------------------------------------------
+# Lengths out of range, and NumPy inputs.
+
+
+@pytest.mark.parametrize(
+    "name, value, bound",
+    [
+        ("key_value_seq_length", -3, 16),
+        ("key_value_seq_length", 100, 16),
+        ("query_seq_length", 10, 9),
+        ("query_seq_length", -1, 9),
+    ],
+)
+def test_concrete_lengths_out_of_range_raise(name, value, bound, rng):
+    q, k, v = _qkv(rng, 9, 16, 2, 2)
+    match = rf"{name}={value} .*\[0, {bound}\]"
+    for length in (value, np.int32(value), jnp.asarray(value)):
+        with pytest.raises(ValueError, match=match):
+            ea.dot_product_attention(q, k, v, **{name: length})
+    with pytest.raises(ValueError, match=match):
+        ea.dot_product_attention_weights(q, k, **{name: value})
+    with pytest.raises(ValueError, match=match):
+        ea.make_block_plan(9, 16, **{name: value})
+    # The bounds themselves are fine.
+    ea.dot_product_attention(q, k, v, **{name: 0})
+    ea.dot_product_attention(q, k, v, **{name: bound})
+
+
+def test_traced_lengths_are_clipped(impl, rng):
+    """Under `jit` a length cannot be checked: it is clipped to `[0, seq]`."""
+    q, k, v = _qkv(rng, 9, 16, 2, 2)
+
+    @jax.jit
+    def attend(q_length, kv_length):
+        return ea.dot_product_attention(
+            q, k, v, query_seq_length=q_length, key_value_seq_length=kv_length,
+            implementation=impl,
+        )  # fmt: skip
+
+    _close(attend(100, 100), ea.dot_product_attention(q, k, v, implementation=impl), FWD_TOL)
+    np.testing.assert_array_equal(attend(9, -3), np.zeros_like(q))
+    np.testing.assert_array_equal(attend(-5, 16), np.zeros_like(q))
+
+
+def test_numpy_inputs(impl, rng):
+    """Every array argument may be a NumPy array, as jax.nn accepts them; the shapes are
+    still checked."""
+    q, k, v = (np.asarray(x) for x in _qkv(rng, 9, 12, 4, 2))
+    ids = np.repeat(np.arange(3), 4)
+    arrays = dict(
+        bias=rng.standard_normal((4, 9, 12)).astype(np.float32),
+        mask=rng.random((9, 12)) < 0.8,
+        query_segment_ids=ids[3:],
+        kv_segment_ids=ids,
+        key_positions=np.arange(12),
+        sinks=np.linspace(-1, 1, 4).astype(np.float32),
+    )
+    as_jax = {name: jnp.asarray(x) for name, x in arrays.items()}
+    options = dict(is_causal=True, query_seq_length=np.int32(8), implementation=impl)
+    got = ea.dot_product_attention(q, k, v, **arrays, **options)
+    want = ea.dot_product_attention(*map(jnp.asarray, (q, k, v)), **as_jax, **options)
+    _close(got, want, FWD_TOL)
+    weights = ea.dot_product_attention_weights(q, k, **arrays, is_causal=True)
+    _close(weights, ea.dot_product_attention_weights(q, k, **as_jax, is_causal=True), FWD_TOL)
+    plan_arrays = {n: arrays[n] for n in ("mask", "query_segment_ids", "kv_segment_ids")}
+    ea.make_block_plan(9, 12, **plan_arrays, is_causal=True)
+    with pytest.raises(TypeCheckError):
+        ea.dot_product_attention(q, k[:5], v, **options)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_residual_in_the_output_dtype(dtype, impl, rng):
+    """The log-sum-exp comes back in the output's dtype, as jax.nn's; an empty row's stays
+    finite, also in float16, so it merges (and passes `jax.debug_infs`)."""
+    q, k, v = (x.astype(dtype) for x in _qkv(rng, 5, 7, 2, 2))
+    mask = jnp.ones((5, 7), bool).at[2].set(False)
+    with jax.debug_infs(True):
+        out, lse = ea.dot_product_attention(
+            q, k, v, mask=mask, implementation=impl, return_residual=True
+        )
+    assert out.dtype == lse.dtype == dtype
+    assert np.all(np.isfinite(np.asarray(lse, np.float32)))
+    assert np.all(np.asarray(lse[2], np.float32) <= -6e4)
+    _, lse32 = ea.dot_product_attention(
+        *(x.astype(jnp.float32) for x in (q, k, v)), mask=mask, implementation=impl,
+        return_residual=True,
+    )  # fmt: skip
+    seen = np.arange(5) != 2
+    _close(np.asarray(lse, np.float32)[seen], lse32[seen], {"atol": 2e-2, "rtol": 1e-2})

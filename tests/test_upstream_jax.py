@@ -201,13 +201,14 @@ def test_no_floating_point_error_with_debug_infs(implementation):
     assert np.all(np.asarray(out) == 0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_return_residual(implementation):
+def test_return_residual(implementation, dtype):
     """`return_residual=True` as jax.nn's: the log-sum-exp per query row and head,
-    `(T, N)` per example (jax.nn's `BTN` without the batch axis)."""
+    `(T, N)` per example (jax.nn's `BTN` without the batch axis), in the output's dtype."""
     B, T, N, H = 2, 16, 4, 8
     keys = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (_normal(key, (B, T, N, H), jnp.float32) for key in keys)
+    q, k, v = (_normal(key, (B, T, N, H), dtype) for key in keys)
     ref, ref_lse = jax.nn.dot_product_attention(q, k, v, is_causal=True, return_residual=True)
     out, lse = jax.vmap(
         lambda q, k, v: ea.dot_product_attention(
@@ -215,5 +216,7 @@ def test_return_residual(implementation):
         )
     )(q, k, v)
     assert lse.shape == ref_lse.shape == (B, T, N)
-    _close(out, ref, {"atol": 1e-5, "rtol": 1e-5})
-    _close(lse, ref_lse, {"atol": 1e-5, "rtol": 1e-5})
+    assert out.dtype == lse.dtype == ref_lse.dtype == dtype
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == jnp.float32 else TOL
+    _close(out, ref, tol)
+    _close(lse, ref_lse, tol)
