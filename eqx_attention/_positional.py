@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-Positions = Int[Array, " seq"]
+from ._typing import ArrayOrNumPy
+
+Positions = Int[ArrayOrNumPy, " seq"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +88,16 @@ def _inverse_frequencies(
     return inv_freq
 
 
-def _default_positions(positions: Array | None, seq: int) -> Array:
+def _default_positions(positions: ArrayOrNumPy | None, seq: int) -> Array:
     # The shape of given positions is checked against `x` by the jaxtyping annotations.
-    return jnp.arange(seq, dtype=jnp.int32) if positions is None else positions
+    return jnp.arange(seq, dtype=jnp.int32) if positions is None else jnp.asarray(positions)
+
+
+def _promoted(x: Array, table_dtype) -> np.dtype:
+    """The dtype `x` and a table promote to, found explicitly, so that the layer computes
+    the same under `jax.numpy_dtype_promotion("strict")` and then casts back to `x`'s."""
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.result_type(x.dtype, table_dtype)
 
 
 class RotaryPositionalEmbedding(eqx.Module):
@@ -170,14 +179,14 @@ class RotaryPositionalEmbedding(eqx.Module):
 
     def __call__(
         self,
-        x: Float[Array, "seq embedding_size"],
+        x: Float[ArrayOrNumPy, "seq embedding_size"],
         *,
         positions: Positions | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq embedding_size"]:
         """**Arguments:**
 
-        - `x`: array of shape `(seq, embedding_size)`.
+        - `x`: array of shape `(seq, embedding_size)` (a jax or NumPy array).
         - `positions`: integer position of each row, shape `(seq,)`; defaults to
           `arange(seq)`. May be a traced array (e.g. a cache offset plus `arange`).
         - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
@@ -185,8 +194,12 @@ class RotaryPositionalEmbedding(eqx.Module):
 
         **Returns:**
 
-        Array of the shape and dtype of `x`, the first `rotary_size` channels rotated.
+        Array of the shape and dtype of `x`, the first `rotary_size` channels rotated. The
+        rotation is computed in the dtype `x` and the tables (`dtype`) promote to, cast
+        explicitly, so a bfloat16 `x` also works under
+        `jax.numpy_dtype_promotion("strict")`.
         """
+        x = jnp.asarray(x)
         seq, size = x.shape
         if size != self.embedding_size:
             raise ValueError(
@@ -199,9 +212,11 @@ class RotaryPositionalEmbedding(eqx.Module):
             _inverse_frequencies(self.rotary_size, self.theta, self.scaling, _default_float())
         )
         angles = positions.astype(inv_freq.dtype)[:, None] * inv_freq[None, :]
-        cos = jnp.cos(angles).astype(self.dtype)
-        sin = jnp.sin(angles).astype(self.dtype)
-        rot, rest = x[:, : self.rotary_size], x[:, self.rotary_size :]
+        compute = _promoted(x, self.dtype)
+        # Rounded to the tables' dtype first, as they are stored, then computed with `x`.
+        cos = jnp.cos(angles).astype(self.dtype).astype(compute)
+        sin = jnp.sin(angles).astype(self.dtype).astype(compute)
+        rot, rest = x[:, : self.rotary_size].astype(compute), x[:, self.rotary_size :]
         if self.interleaved:
             # Channels (2i, 2i+1) rotate together: the partner of an even channel is the
             # next one, negated; of an odd channel the previous one.
@@ -262,6 +277,7 @@ class SinusoidalPositionalEmbedding(eqx.Module):
 
         The encoding, shape `(seq, embedding_size)`, in `dtype`.
         """
+        positions = jnp.asarray(positions)
         exponents = np.arange(0, self.embedding_size, 2) / self.embedding_size
         inv_freq = jnp.asarray(self.max_timescale**-exponents, dtype=self.dtype)
         angles = positions.astype(self.dtype)[:, None] * inv_freq[None, :]
@@ -271,14 +287,14 @@ class SinusoidalPositionalEmbedding(eqx.Module):
 
     def __call__(
         self,
-        x: Float[Array, "seq embedding_size"],
+        x: Float[ArrayOrNumPy, "seq embedding_size"],
         *,
         positions: Positions | None = None,
         key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq embedding_size"]:
         """**Arguments:**
 
-        - `x`: array of shape `(seq, embedding_size)`.
+        - `x`: array of shape `(seq, embedding_size)` (a jax or NumPy array).
         - `positions`: integer position of each row, shape `(seq,)`; defaults to
           `arange(seq)`.
         - `key`: ignored; accepted, as by every Equinox layer, so that the layer composes in
@@ -286,15 +302,18 @@ class SinusoidalPositionalEmbedding(eqx.Module):
 
         **Returns:**
 
-        `x` plus the encoding, in the dtype of `x`.
+        `x` plus the encoding, in the dtype of `x` (added in the dtype `x` and `dtype`
+        promote to, cast explicitly, so this also runs under strict promotion).
         """
+        x = jnp.asarray(x)
         seq, size = x.shape
         if size != self.embedding_size:
             raise ValueError(
                 f"x.shape[-1] must equal embedding_size={self.embedding_size}, got {size}"
             )
         positions = _default_positions(positions, seq)
-        return (x + self.encoding(positions)).astype(x.dtype)
+        compute = _promoted(x, self.dtype)
+        return (x.astype(compute) + self.encoding(positions).astype(compute)).astype(x.dtype)
 
 
 def _default_float() -> np.dtype:

@@ -151,3 +151,41 @@ def test_sinusoidal(getkey):
     assert jnp.allclose(pos(x[3:], positions=jnp.arange(3, seq)), (x + expected)[3:], atol=1e-5)
     with pytest.raises(ValueError, match="even"):
         ea.SinusoidalPositionalEmbedding(5)
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"interleaved": True}, {"rotary_size": 4}, {"dtype": jnp.bfloat16}]
+)
+def test_rope_follows_half_inputs_under_strict_promotion(getkey, options):
+    """A bfloat16 input under `jax.numpy_dtype_promotion("strict")` comes back bfloat16,
+    equal to the standard-promotion result (computed in the promoted dtype, then cast)."""
+    rope = ea.RotaryPositionalEmbedding(8, **options)
+    x = jax.random.normal(getkey(), (6, 8)).astype(jnp.bfloat16)
+    want = rope(x, positions=jnp.arange(3, 9))
+    with jax.numpy_dtype_promotion("strict"):
+        got = rope(x, positions=jnp.arange(3, 9))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_sinusoidal_follows_half_inputs_under_strict_promotion(getkey):
+    pos = ea.SinusoidalPositionalEmbedding(8)
+    x = jax.random.normal(getkey(), (6, 8)).astype(jnp.bfloat16)
+    want = pos(x)
+    with jax.numpy_dtype_promotion("strict"):
+        got = pos(x)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_numpy_inputs_and_positions(getkey):
+    """NumPy arrays are accepted as inputs and positions, shape-checked like jax arrays."""
+    rope = ea.RotaryPositionalEmbedding(8)
+    pos = ea.SinusoidalPositionalEmbedding(8)
+    x = np.random.default_rng(0).standard_normal((5, 8), np.float32)
+    for layer in (rope, pos):
+        want = layer(jnp.asarray(x), positions=jnp.arange(2, 7))
+        np.testing.assert_allclose(layer(x, positions=np.arange(2, 7)), want, atol=1e-6)
+    np.testing.assert_allclose(pos.encoding(np.arange(5)), pos.encoding(jnp.arange(5)))
+    with pytest.raises(TypeCheckError, match="positions"):
+        rope(x, positions=np.arange(4))
