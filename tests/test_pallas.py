@@ -126,16 +126,19 @@ def test_query_groups_forward_and_gradients(getkey, heads, kv_heads):
     _close(got, want)
 
 
-def test_learned_score_mod_arrays_get_deterministic_gradients(getkey):
+@pytest.mark.parametrize("table_size", [64, 2 * S + T])
+def test_learned_score_mod_arrays_get_deterministic_gradients(getkey, table_size):
     """ALiBi slopes and a relative-position table: their gradients are per-block partial sums
-    reduced outside the kernel, equal to the reference's and bit-identical between runs."""
+    reduced in a fixed order, equal to the reference's and bit-identical between runs. A
+    table of 64 elements is differentiated inside the kernel; one of 250 (not a power of
+    two) by the blockwise kernel's backward pass."""
     q, k, v = _qkv(getkey)
     slopes = jax.random.uniform(getkey(), (H,))
-    table = jax.random.normal(getkey(), (2 * S + T,))
+    table = jax.random.normal(getkey(), (table_size,))
 
     def loss(implementation, slopes, table):
         def score_mod(s, h, qp, kp):
-            return s - slopes[h] * jnp.abs(qp - kp) + table[qp - kp + S]
+            return s - slopes[h] * jnp.abs(qp - kp) + table[(qp - kp) % table_size]
 
         out = ea.dot_product_attention(
             q, k, v, score_mod=score_mod, is_causal=True, implementation=implementation
@@ -143,7 +146,7 @@ def test_learned_score_mod_arrays_get_deterministic_gradients(getkey):
         return jnp.sum(jnp.sin(out))
 
     grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
-    got, again, want = grad("pallas", slopes, table), grad("pallas", slopes, table), None
+    got, again = grad("pallas", slopes, table), grad("pallas", slopes, table)
     want = grad("xla", slopes, table)
     _close(got, want, tol=5e-5)
     for x, y in zip(got, again, strict=True):
@@ -242,6 +245,23 @@ def test_forward_and_backward_lower_through_triton(getkey, triton, name):
     assert triton(jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == 3
 
 
+def test_learned_tables_lower_through_triton_in_and_out_of_the_kernel(getkey, triton):
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(getkey))
+
+    def loss(q, k, v, slopes, table):
+        def score_mod(s, h, qp, kp):
+            return s - slopes[h] * jnp.abs(qp - kp) + table[(qp - kp) % table.shape[0]]
+
+        out = ea.dot_product_attention(q, k, v, score_mod=score_mod, implementation="pallas")
+        return jnp.sum(out.astype(jnp.float32))
+
+    grad = jax.grad(loss, argnums=(0, 3, 4))
+    slopes = jnp.ones((H,))
+    # 16 elements: the kernel differentiates it; 256: the blockwise kernel does.
+    assert triton(grad, q, k, v, slopes, jnp.zeros((16,))) == 3
+    assert triton(grad, q, k, v, slopes, jnp.zeros((256,))) == 3
+
+
 def test_automatic_rule_on_a_gpu_takes_cudnn_then_pallas(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     q = jnp.zeros((256, 8, 64), jnp.bfloat16)
@@ -259,6 +279,9 @@ def test_automatic_rule_on_a_gpu_takes_cudnn_then_pallas(monkeypatch):
     ids = jnp.zeros((256,), jnp.int32)
     assert choice(query_segment_ids=ids, kv_segment_ids=ids) == "pallas"
     assert choice(dtype=jnp.float32) == "pallas"
+    table = jnp.zeros((512,))
+    # A learned table too large to differentiate in the kernel: the blockwise kernel.
+    assert choice(score_mod=lambda s, h, q, k: s + table[q - k]) == "chunked"
 
 
 def test_automatic_rule_off_a_gpu_never_takes_pallas(getkey):

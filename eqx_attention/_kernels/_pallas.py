@@ -45,9 +45,12 @@ BLOCK_K = 64
 MAX_ROWS = 128
 NUM_WARPS = 4
 NUM_STAGES = 2
-# score_mod's captured float arrays are differentiated through lookups that compare each index
-# with every element: past this many elements the automatic rule prefers the blockwise kernel.
-MAX_TABLE = 4096
+# score_mod's captured float arrays are differentiated inside the kernel through lookups that
+# compare each index with every element (a [rows, block_k, size] comparison per block, which
+# Triton must hold at once): up to this many elements per array, a power of two. Larger ones
+# get their gradient from the blockwise XLA kernel's backward pass, and the automatic rule
+# prefers that kernel for them.
+MAX_TABLE = 64
 
 
 def pallas_unsupported(spec: AttentionSpec) -> str | None:
@@ -58,12 +61,18 @@ def pallas_unsupported(spec: AttentionSpec) -> str | None:
             "(implementation='pallas' runs it in interpret mode, for testing)"
         )
     params, _ = score_mod_params(spec)
-    size = sum(x.size for x in jax.tree.leaves(params))
-    if size > MAX_TABLE:
+    if not _tables_in_kernel(jax.tree.leaves(params)):
+        sizes = [x.size for x in jax.tree.leaves(params)]
         return (
-            f"score_mod captures {size} floating-point elements (the kernel's limit is {MAX_TABLE})"
+            f"score_mod captures floating-point arrays of {sizes} elements, which the kernel "
+            f"differentiates only up to {MAX_TABLE} elements each, a power of two"
         )
     return None
+
+
+def _tables_in_kernel(params) -> bool:
+    """Whether the kernel differentiates these captured arrays itself."""
+    return all(x.size <= MAX_TABLE and x.size & (x.size - 1) == 0 for x in params)
 
 
 def default_blocks(q_seq: int, kv_seq: int) -> tuple[int, int]:
@@ -332,6 +341,9 @@ class _Pallas(Kernel):
         mask = _as_int8(spec.mask)
         operands, rebuild, param_at = spec_operands(replace(spec, sinks=None, mask=None))
         params = [operands[n] for n in param_at]
+        in_kernel = _tables_in_kernel(params)
+        if not in_kernel:
+            param_at, params = [], []
         has = (mask is not None, bias is not None)
         optional = [a for a in (mask, bias) if a is not None]
         rows = [lay.pack(a) for a in (qp, d_out_p, lse, delta)]
@@ -409,7 +421,13 @@ class _Pallas(Kernel):
 
         dsinks = None if spec.sinks is None else sink_grad(spec.sinks, lse, delta)
         params_tree, _ = score_mod_params(spec)
-        dmod = jax.tree.unflatten(jax.tree.structure(params_tree), dparams)
+        if in_kernel:
+            dmod = jax.tree.unflatten(jax.tree.structure(params_tree), dparams)
+        else:
+            # Arrays too large to compare every index with: the blockwise kernel's backward
+            # pass sums their gradient block by block (and recomputes the rest, unused).
+            blockwise = self.differentiable.backward(x, (aux, plan), out, lse, ct_out, ct_lse)
+            dmod = blockwise[5]
         grads = (dq, dk, dv, dbias, dsinks, dmod)
         return jax.tree.map(lambda g, x: g.astype(x.dtype), grads, x)
 
