@@ -9,6 +9,7 @@ from ._chunked import block_plan as _block_plan, chunked_attention as _blockwise
 from ._cudnn import cudnn_attention as cudnn_attention, cudnn_unsupported
 from ._decode import decode_attention
 from ._pallas import default_blocks, pallas_attention, pallas_unsupported
+from ._pallas_decode import pallas_decode_attention
 from ._plan import BlockPlan as BlockPlan
 from ._xla import xla_attention as xla_attention, xla_probs as xla_probs
 
@@ -50,9 +51,13 @@ def blockwise_attention(
     implementation: Implementation, q, k, v, spec: AttentionSpec, bias, plan: BlockPlan | None
 ):
     """Run one of the implementations on the kernels' `[K, G, T, D]` layout (cuDNN aside):
-    `(out, lse)`. A block plan is used by the blockwise and Pallas kernels."""
+    `(out, lse)`. A block plan is used by the blockwise and Pallas kernels; without one, a
+    call of at most `DECODE_MAX_Q` queries is a decoding step, which `"chunked"` runs as the
+    XLA decode loop and `"pallas"` as the split-K decode kernel."""
     if implementation == "xla":
         return xla_attention(q, k, v, spec, bias)
+    if implementation == "pallas" and spec.q_seq <= DECODE_MAX_Q and plan is None:
+        return pallas_decode_attention(q, k, v, spec, bias)
     if implementation == "pallas":
         return pallas_attention(q, k, v, spec, bias, plan)
     return chunked_attention(q, k, v, spec, bias, plan)
