@@ -37,16 +37,10 @@ def from_equinox(cls, module: eqx.nn.MultiheadAttention):
 
 def from_flax_nnx(cls, module: Any):
     """`cls` with the parameters of a `flax.nnx.MultiHeadAttention`, or a `ValueError`
-    naming what it cannot reproduce."""
+    naming what it cannot reproduce. Flax's `param_dtype` is the parameters' dtype and its
+    computation `dtype` (if any) becomes `compute_dtype`."""
     param_dtype = jnp.dtype(module.query.kernel[...].dtype)
-    if module.dtype is not None and jnp.dtype(module.dtype) != param_dtype:
-        raise ValueError(
-            f"cannot convert a flax.nnx.MultiHeadAttention with dtype={jnp.dtype(module.dtype)} "
-            f"and param_dtype={param_dtype}: MultiheadAttention computes in its parameters' "
-            "dtype, so the converted module would silently compute in "
-            f"{param_dtype}. Convert one with dtype=None or dtype == param_dtype, and cast "
-            "the inputs (or the converted parameters) yourself."
-        )
+    compute_dtype = None if module.dtype is None else jnp.dtype(module.dtype)
     if module.broadcast_dropout and module.dropout_rate > 0:
         raise ValueError(
             "cannot convert a flax.nnx.MultiHeadAttention with broadcast_dropout=True and "
@@ -74,6 +68,7 @@ def from_flax_nnx(cls, module: Any):
         param_dtype,
         num_kv_heads=kv_heads,
         normalize_qk=bool(module.normalize_qk),
+        compute_dtype=compute_dtype,
         key=jax.random.key(0),
     )
 

@@ -19,7 +19,8 @@ from ._functional import (
 )
 from ._kernels import BlockPlan, Implementation
 from ._positional import RotaryPositionalEmbedding
-from ._spec import MaskMod, Window, query_positions
+from ._spec import MaskMod, ScoreMod, Window, query_positions
+from ._typing import ArrayOrNumPy
 
 ProcessHeads = Callable[
     [
@@ -56,7 +57,9 @@ class MultiheadAttention(eqx.Module):
     - QK normalisation (`normalize_qk`) and rotary embeddings (`rope`);
     - learned attention sinks, one logit per head (`use_sinks`);
     - KV-cache decoding: `out, cache = mha(x, cache=cache)`;
-    - `return_weights=True` for inspecting the attention probabilities.
+    - `return_weights=True` for inspecting the attention probabilities;
+    - mixed precision: parameters in `dtype`, computation in `compute_dtype`;
+    - FlexAttention-style `mask_mod` and `score_mod`.
 
     Like every Equinox layer it acts on one example; `jax.vmap` it over a batch.
 
@@ -97,6 +100,7 @@ class MultiheadAttention(eqx.Module):
     use_output_bias: bool = eqx.field(static=True)
     normalize_qk: bool = eqx.field(static=True)
     use_sinks: bool = eqx.field(static=True)
+    compute_dtype: Any = eqx.field(static=True)
 
     def __init__(
         self,
@@ -119,6 +123,7 @@ class MultiheadAttention(eqx.Module):
         normalize_qk: bool = False,
         rope: RotaryPositionalEmbedding | None = None,
         use_sinks: bool = False,
+        compute_dtype: Any = None,
         key: PRNGKeyArray,
     ):
         """The arguments up to `dtype` are Equinox's, in Equinox's order, so a positional
@@ -160,6 +165,14 @@ class MultiheadAttention(eqx.Module):
           (see `sinks` in [`eqx_attention.dot_product_attention`][]). Initialised from
           `normal(0, 0.02)`, as the Hugging Face implementation of gpt-oss does (its
           `initializer_range`). (Keyword only.)
+        - `compute_dtype`: the dtype the layer computes in, for mixed precision (float32
+          parameters, bfloat16 computation, say). The parameters stay in `dtype` (so do
+          their gradients); each call casts them, and the inputs, to `compute_dtype`, so
+          the projections, the heads, attention and the output are in `compute_dtype`, and
+          so is the default cache of [`eqx_attention.MultiheadAttention.init_cache`][].
+          Defaults to `None`: no cast, the inputs and parameters promote as usual. Named
+          `compute_dtype` because `dtype` is Equinox's parameter dtype (Flax's `dtype` and
+          `param_dtype` are `compute_dtype` and `dtype` here). (Keyword only.)
         - `key`: PRNG key for the initialisation. (Keyword only.)
         """
         if num_heads <= 0:
@@ -179,6 +192,10 @@ class MultiheadAttention(eqx.Module):
         output_size = query_size if output_size is None else output_size
         qk_size = query_size // num_heads if qk_size is None else qk_size
         vo_size = query_size // num_heads if vo_size is None else vo_size
+        if compute_dtype is not None:
+            compute_dtype = jnp.dtype(compute_dtype)
+            if not jnp.issubdtype(compute_dtype, jnp.floating):
+                raise ValueError(f"compute_dtype must be a floating dtype, got {compute_dtype}")
         if rope is not None and rope.embedding_size != qk_size:
             raise ValueError(
                 f"rope.embedding_size={rope.embedding_size} must equal qk_size={qk_size}"
@@ -228,13 +245,14 @@ class MultiheadAttention(eqx.Module):
         self.use_output_bias = use_output_bias
         self.normalize_qk = normalize_qk
         self.use_sinks = use_sinks
+        self.compute_dtype = compute_dtype
 
     @jax.named_scope("eqx_attention.MultiheadAttention")
     def __call__(
         self,
-        query: Inexact[Array, "q_seq q_size"],
-        key_: Inexact[Array, "kv_seq k_size"] | None = None,
-        value: Inexact[Array, "kv_seq v_size"] | None = None,
+        query: Inexact[ArrayOrNumPy, "q_seq q_size"],
+        key_: Inexact[ArrayOrNumPy, "kv_seq k_size"] | None = None,
+        value: Inexact[ArrayOrNumPy, "kv_seq v_size"] | None = None,
         mask: MaskArray | None = None,
         *,
         key: PRNGKeyArray | None = None,
@@ -248,6 +266,7 @@ class MultiheadAttention(eqx.Module):
         implementation: Implementation | None = None,
         return_weights: bool = False,
         mask_mod: MaskMod | None = None,
+        score_mod: ScoreMod | None = None,
         block_plan: BlockPlan | None = None,
     ) -> Output | tuple[Output, Cache] | tuple[Output, Weights] | tuple[Output, Weights, Cache]:
         """The arguments Equinox has come first, in its order; the others are keyword only.
@@ -282,12 +301,21 @@ class MultiheadAttention(eqx.Module):
         - `mask_mod`: as in [`eqx_attention.dot_product_attention`][] (e.g.
           [`eqx_attention.document_mask_mod`][] for packed documents); its blocks are skipped.
           With a cache it sees the tokens' absolute positions.
+        - `score_mod`: as in [`eqx_attention.dot_product_attention`][],
+          `score_mod(score, head, q_pos, kv_pos) -> score` on the scaled logits: `head` is the
+          query head, `0..num_heads - 1` (with grouped-query attention, query head `n` reads
+          key/value head `n // (num_heads // num_kv_heads)`), and the positions are the ones
+          `is_causal` and RoPE use (absolute token positions with a cache). A learned
+          relative-position bias is a closure over its table, which gets gradients.
         - `block_plan`: a [`eqx_attention.BlockPlan`][] from
           [`eqx_attention.make_block_plan`][] with the same `mask`, `is_causal`,
           `local_window_size` and `mask_mod`, shared by the layers of a model instead of
           being rebuilt in each. Not with a cache, whose blocks change with every write.
 
-        Complex inputs are refused with a `ValueError`.
+        Complex inputs are refused with a `ValueError`. The inputs and the masks may also be
+        NumPy arrays. With a `compute_dtype` the inputs are cast to it and the output is in
+        it; the weights of `return_weights` are float32, as from
+        [`eqx_attention.dot_product_attention_weights`][].
 
         **Returns:**
 
@@ -311,7 +339,14 @@ class MultiheadAttention(eqx.Module):
             )
         key_ = query if key_ is None else key_
         value = key_ if value is None else value
+        query, key_, value, mask, bias = (
+            None if x is None else jnp.asarray(x) for x in (query, key_, value, mask, bias)
+        )
         self._check_inputs(query, key_, value)
+        if self.compute_dtype is not None:
+            query, key_, value = (x.astype(self.compute_dtype) for x in (query, key_, value))
+        # The parameters as this call uses them: in `compute_dtype`, if any.
+        layer = self._cast_parameters()
         q_seq = query.shape[0]
         window = _normalise_window(local_window_size)
         if cache is None:
@@ -323,7 +358,7 @@ class MultiheadAttention(eqx.Module):
             self._check_cache(cache)
             # The new tokens continue the cached ones.
             q_positions = k_positions = query_positions(q_seq, q_seq, cache.length)
-        q, k, v = self._heads(query, key_, value, q_positions, k_positions, process_heads)
+        q, k, v = layer._heads(query, key_, value, q_positions, k_positions, process_heads)
         placement = {}
         if cache is not None:
             # Causal attention over absolute positions: the queries follow the cached tokens.
@@ -336,7 +371,8 @@ class MultiheadAttention(eqx.Module):
             is_causal=is_causal,
             local_window_size=window,
             mask_mod=mask_mod,
-            sinks=self.sinks,
+            score_mod=score_mod,
+            sinks=layer.sinks,
             **placement,
         )
         dropout_p, dropout_key = self._dropout_args(key, inference)
@@ -352,7 +388,10 @@ class MultiheadAttention(eqx.Module):
             implementation=implementation,
             block_plan=block_plan,
         )
-        out = jax.vmap(self.output_proj)(attn.reshape(q_seq, self.num_heads * self.vo_size))
+        if self.compute_dtype is not None:
+            # A cache of another dtype promotes the attention; the output is in compute_dtype.
+            attn = attn.astype(self.compute_dtype)
+        out = jax.vmap(layer.output_proj)(attn.reshape(q_seq, self.num_heads * self.vo_size))
         # `return_weights` stays a flag rather than a method: the weights need the very heads
         # and cache contents of this call (after process_heads and the cache write), which a
         # separate method would have to recompute, and write to the cache a second time.
@@ -410,7 +449,8 @@ class MultiheadAttention(eqx.Module):
         **Arguments:**
 
         - `max_length`: number of tokens the cache can hold (prompt and generated).
-        - `dtype`: dtype of the cached keys and values; defaults to the parameters' dtype.
+        - `dtype`: dtype of the cached keys and values; defaults to `compute_dtype`, or to
+          the parameters' dtype without one.
 
         **Returns:**
 
@@ -452,9 +492,12 @@ class MultiheadAttention(eqx.Module):
         scale only). Flax's decoding cache is not converted: use
         [`eqx_attention.MultiheadAttention.init_cache`][].
 
-        Two Flax settings cannot be reproduced and raise a `ValueError`: a computation
-        `dtype` other than `param_dtype` (this module computes in its parameters' dtype),
-        and `broadcast_dropout=True` (Flax's default) with a positive `dropout_rate` (one
+        Flax's `param_dtype` becomes the parameters' `dtype` and its computation `dtype`
+        this module's `compute_dtype` (`None` stays `None`: both promote the inputs with the
+        parameters), so a float32-parameter, bfloat16-computation module converts as it is.
+
+        One Flax setting cannot be reproduced and raises a `ValueError`:
+        `broadcast_dropout=True` (Flax's default) with a positive `dropout_rate` (one
         dropout mask shared by the batch and the heads).
 
         Flax computes per batch; call the result on one example and `jax.vmap` it. Outputs
@@ -503,7 +546,7 @@ class MultiheadAttention(eqx.Module):
             raise ValueError(
                 "the cache's keys and values must share one floating dtype, got "
                 f"keys.dtype={dtypes[0]} and values.dtype={dtypes[1]} (this module's "
-                f"parameters are {self._cache_dtype(None)}): make the cache with init_cache"
+                f"default is {self._cache_dtype(None)}): make the cache with init_cache"
             )
 
     def _check_mask(self, mask: Array | None, bias: Array | None, q_seq: int, kv_seq: int):
@@ -539,7 +582,30 @@ class MultiheadAttention(eqx.Module):
         return self.num_kv_heads, self.qk_size, self.vo_size
 
     def _cache_dtype(self, dtype: Any):
-        return self.key_proj.weight.dtype if dtype is None else dtype
+        if dtype is not None:
+            return dtype
+        return self.key_proj.weight.dtype if self.compute_dtype is None else self.compute_dtype
+
+    def _cast_parameters(self) -> "MultiheadAttention":
+        """This module with its parameters in `compute_dtype` (itself without one). The
+        casts are part of the call, so gradients reach the parameters in their own dtype."""
+        if self.compute_dtype is None:
+            return self
+        names = (
+            "query_proj", "key_proj", "value_proj", "output_proj", "query_norm", "key_norm",
+            "sinks",
+        )  # fmt: skip
+        dtype = self.compute_dtype
+
+        def cast(tree):
+            return jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree)
+
+        return eqx.tree_at(
+            lambda m: [getattr(m, name) for name in names],
+            self,
+            [cast(getattr(self, name)) for name in names],
+            is_leaf=lambda x: x is None,
+        )
 
 
 def _project(proj: eqx.nn.Linear, x: Array, heads: int) -> Array:

@@ -79,7 +79,7 @@ def test_rope_matches_equinox_process_heads(getkey):
     assert jnp.allclose(plain(x, x, x, mask, process_heads=process_heads), want, **TOL)
 
 
-def _nnx_mha(num_kv_heads, normalize_qk, key):
+def _nnx_mha(num_kv_heads, normalize_qk, key, **kwargs):
     m = nnx.MultiHeadAttention(
         num_heads=4,
         in_features=16,
@@ -89,13 +89,15 @@ def _nnx_mha(num_kv_heads, normalize_qk, key):
         normalize_qk=normalize_qk,
         decode=False,
         rngs=nnx.Rngs(0),
+        **kwargs,
     )
     # Non-trivial biases and norm scales, so a mis-copied one would show.
     k1, k2, k3 = jax.random.split(key, 3)
-    m.query.bias[...] = jax.random.normal(k1, m.query.bias.shape)
-    m.out.bias[...] = jax.random.normal(k2, m.out.bias.shape)
+    dtype = m.query.bias.dtype
+    m.query.bias[...] = jax.random.normal(k1, m.query.bias.shape, dtype)
+    m.out.bias[...] = jax.random.normal(k2, m.out.bias.shape, dtype)
     if normalize_qk:
-        m.query_ln.scale[...] = 1 + jax.random.normal(k3, m.query_ln.scale.shape)
+        m.query_ln.scale[...] = 1 + jax.random.normal(k3, m.query_ln.scale.shape, dtype)
     return m
 
 
@@ -384,12 +386,6 @@ def test_dropout_rate_changes_without_recompiling(getkey):
 
 
 def test_from_flax_nnx_refuses_what_it_cannot_reproduce():
-    mixed = nnx.MultiHeadAttention(
-        num_heads=2, in_features=8, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-        decode=False, rngs=nnx.Rngs(0),
-    )  # fmt: skip
-    with pytest.raises(ValueError, match=r"dtype=bfloat16 and param_dtype=float32"):
-        ea.MultiheadAttention.from_flax_nnx(mixed)
     dropout = nnx.MultiHeadAttention(
         num_heads=2, in_features=8, dropout_rate=0.1, decode=False, rngs=nnx.Rngs(0)
     )
@@ -402,6 +398,122 @@ def test_from_flax_nnx_refuses_what_it_cannot_reproduce():
     )  # fmt: skip
     ours = ea.MultiheadAttention.from_flax_nnx(fine)
     assert ours.query_proj.weight.dtype == jnp.bfloat16 and ours.dropout.p == 0.1
+
+
+# --------------------------------------------------------------------------------------
+# Mixed precision: parameters in one dtype, computation in another.
+
+# bfloat16 keeps 8 bits of mantissa; these outputs pass through three roundings of it.
+BF16_TOL = dict(atol=5e-2, rtol=5e-2)
+MIXED = [(jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)]
+
+
+@pytest.mark.parametrize("param_dtype, compute_dtype", MIXED)
+def test_mixed_precision_matches_flax_nnx(getkey, param_dtype, compute_dtype):
+    """nnx's `dtype`/`param_dtype` convert to `compute_dtype` and the parameters' dtype,
+    both ways round, and the outputs agree with Flax's."""
+    theirs = _nnx_mha(2, True, getkey(), dtype=compute_dtype, param_dtype=param_dtype)
+    ours = ea.MultiheadAttention.from_flax_nnx(theirs)
+    assert ours.compute_dtype == compute_dtype
+    params = jax.tree.leaves(eqx.filter(ours, eqx.is_inexact_array))
+    assert {p.dtype for p in params} == {jnp.dtype(param_dtype)}
+    x = jax.random.normal(getkey(), (3, 10, 16), param_dtype)
+    want = theirs(x, is_causal=True)
+    got = jax.vmap(lambda e: ours(e, is_causal=True))(x)
+    assert got.dtype == want.dtype == compute_dtype
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), **BF16_TOL
+    )
+    # Flax's default computation dtype (None: the promoted one) is ours too.
+    default = _nnx_mha(2, True, getkey(), param_dtype=param_dtype)
+    assert ea.MultiheadAttention.from_flax_nnx(default).compute_dtype is None
+
+
+@pytest.mark.parametrize("param_dtype, compute_dtype", MIXED)
+def test_compute_dtype_casts_inputs_and_parameters(getkey, param_dtype, compute_dtype):
+    """The computation is the module's with its parameters cast to `compute_dtype`, on the
+    inputs cast to it: heads, output and cache are in `compute_dtype`, the parameters and
+    their gradients stay in theirs, and strict promotion finds no implicit cast."""
+    kwargs = dict(num_kv_heads=2, use_query_bias=True, use_output_bias=True, use_sinks=True,
+                  normalize_qk=True,
+                  rope=ea.RotaryPositionalEmbedding(4), dtype=param_dtype)  # fmt: skip
+    key = getkey()
+    mixed = ea.MultiheadAttention(4, 16, compute_dtype=compute_dtype, **kwargs, key=key)
+    cast = jax.tree.map(lambda a: a.astype(compute_dtype) if eqx.is_inexact_array(a) else a,
+                        ea.MultiheadAttention(4, 16, **kwargs, key=key))  # fmt: skip
+    x = jax.random.normal(getkey(), (9, 16))  # float32, whatever the module's dtypes
+    seen = []
+
+    def process_heads(q, k, v):
+        seen.append({q.dtype, k.dtype, v.dtype})
+        return q, k, v
+
+    with jax.numpy_dtype_promotion("strict"):
+        out = mixed(x, is_causal=True, process_heads=process_heads)
+        cache = mixed.init_cache(9)
+        step, cache = mixed(x[:5], cache=cache)
+    assert seen == [{jnp.dtype(compute_dtype)}]
+    assert out.dtype == step.dtype == cache.keys.dtype == compute_dtype
+    np.testing.assert_array_equal(out, cast(x.astype(compute_dtype), is_causal=True))
+    np.testing.assert_allclose(
+        np.asarray(step, np.float32), np.asarray(out[:5], np.float32), **BF16_TOL
+    )
+
+    def loss(m):
+        return jnp.sum(m(x, is_causal=True).astype(jnp.float32) ** 2)
+
+    grads = jax.tree.leaves(eqx.filter(eqx.filter_grad(loss)(mixed), eqx.is_inexact_array))
+    assert {g.dtype for g in grads} == {jnp.dtype(param_dtype)}
+    assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
+
+
+def test_compute_dtype_is_checked(getkey):
+    with pytest.raises(ValueError, match=r"compute_dtype must be a floating dtype, got int32"):
+        ea.MultiheadAttention(2, 8, compute_dtype=jnp.int32, key=getkey())
+    mha = ea.MultiheadAttention(2, 8, compute_dtype="bfloat16", key=getkey())
+    assert mha.compute_dtype == jnp.bfloat16 and mha.query_proj.weight.dtype == jnp.float32
+    assert ea.MultiheadAttention(2, 8, key=getkey()).compute_dtype is None
+
+
+# --------------------------------------------------------------------------------------
+# score_mod
+
+
+def test_score_mod_is_passed_to_the_core(getkey):
+    """A learned ALiBi-style `score_mod` equals the same bias as an array: `head` is the
+    query head (also with grouped-query attention), the positions are those `is_causal`
+    and the cache use, and gradients reach the arrays it closes over."""
+    mha = ea.MultiheadAttention(4, 16, num_kv_heads=2, key=getkey())
+    x = jax.random.normal(getkey(), (7, 16))
+    slopes = jnp.array([0.5, 0.25, 0.125, 1.0])
+
+    def alibi(slopes):
+        return lambda score, head, q, k: score - slopes[head] * jnp.abs(q - k)
+
+    positions = jnp.arange(7)
+    bias = -slopes[:, None, None] * jnp.abs(positions[:, None] - positions[None, :])
+    out, weights = mha(x, is_causal=True, score_mod=alibi(slopes), return_weights=True)
+    want, want_weights = mha(x, is_causal=True, bias=bias, return_weights=True)
+    np.testing.assert_allclose(out, want, **TOL)
+    np.testing.assert_allclose(weights, want_weights, **TOL)
+    # With a cache the mod sees absolute positions.
+    first, cache = mha(x[:4], cache=mha.init_cache(7), score_mod=alibi(slopes))
+    rest, _ = mha(x[4:], cache=cache, score_mod=alibi(slopes))
+    np.testing.assert_allclose(jnp.concatenate([first, rest]), out, **TOL)
+    grad = jax.grad(lambda s: jnp.sum(mha(x, is_causal=True, score_mod=alibi(s)) ** 2))(slopes)
+    want_grad = jax.grad(
+        lambda s: jnp.sum(mha(x, is_causal=True, bias=-s[:, None, None] * jnp.abs(
+            positions[:, None] - positions[None, :])) ** 2)
+    )(slopes)  # fmt: skip
+    np.testing.assert_allclose(grad, want_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_numpy_inputs(getkey):
+    """NumPy inputs and masks are accepted, as by Equinox's module."""
+    mha = ea.MultiheadAttention(2, 8, key=getkey())
+    x = np.random.default_rng(0).standard_normal((5, 8), np.float32)
+    mask = np.tril(np.ones((5, 5), bool))
+    np.testing.assert_allclose(mha(x, mask=mask), mha(jnp.asarray(x), is_causal=True), **TOL)
 
 
 def test_no_false_alarm_under_debug_infs(getkey):

@@ -36,22 +36,41 @@ def test_basic():
     np.testing.assert_allclose(out, theirs(x), **TOL)
 
 
+@pytest.mark.parametrize("decode", [True, False])
 @pytest.mark.parametrize("normalize_qk", [True, False])
 @pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.float16])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
-def test_nnx_equivalence(dtype, use_bias, normalize_qk):
-    """nnx's TestLinenConsistency, with ours in place of Linen: `use_bias`, `normalize_qk`
-    and the dtypes (`dtype == param_dtype`; a different computation dtype is refused, see
-    `test_from_flax_nnx_refuses_what_it_cannot_reproduce` in test_mha.py)."""
-    theirs = _nnx(use_bias=use_bias, normalize_qk=normalize_qk, dtype=dtype, param_dtype=dtype)
-    ours = ea.MultiheadAttention.from_flax_nnx(theirs)
-    x = jnp.ones((1, 5, 3), dtype)
-    out = jax.vmap(ours)(x)
-    assert out.dtype == dtype
-    tol = TOL if dtype == jnp.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    np.testing.assert_allclose(
-        np.asarray(out, np.float32), np.asarray(theirs(x), np.float32), **tol
+def test_nnx_equivalence(dtype, param_dtype, use_bias, normalize_qk, decode):
+    """nnx's TestLinenConsistency, with ours in place of Linen: `use_bias`, `normalize_qk`,
+    the computation `dtype` and `param_dtype` (equal or not: ours keeps the parameters in
+    theirs and computes in `compute_dtype`), and `decode` (Flax's cache, one token per call,
+    against ours). Inputs are random rather than Flax's ones, which no attention weight
+    could change."""
+    theirs = _nnx(
+        use_bias=use_bias, normalize_qk=normalize_qk, dtype=dtype, param_dtype=param_dtype
     )
+    ours = ea.MultiheadAttention.from_flax_nnx(theirs)
+    assert ours.query_proj.weight.dtype == param_dtype
+    x = jax.random.normal(jax.random.key(0), (1, 5, 3), param_dtype)
+    if decode:
+        theirs.set_attributes(decode=True)
+        theirs.init_cache(x.shape, dtype=dtype)
+        want = jnp.concatenate([theirs(x[:, i : i + 1]) for i in range(x.shape[1])], axis=1)
+
+        def step(cache, token):
+            out, cache = ours(token[None], cache=cache)
+            return cache, out[0]
+
+        _, out = jax.lax.scan(step, ours.init_cache(x.shape[1]), x[0])
+        out = out[None]
+    else:
+        want = theirs(x)
+        out = jax.vmap(ours)(x)
+    assert out.dtype == want.dtype == dtype
+    half = jnp.float16 in (dtype, param_dtype)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if half else TOL
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), **tol)
 
 
 def test_multihead_encoder_decoder_attention():
