@@ -288,3 +288,22 @@ def test_automatic_rule_off_a_gpu_never_takes_pallas(getkey):
     q, k, v = _qkv(getkey)
     spec, *_ = ea._functional._prepare(q, k, v, logit_softcap=3.0)
     assert choose_implementation(spec, jnp.float32, None, D, DV) in ("xla", "chunked")
+
+
+def test_cudnn_gets_a_left_only_window_as_a_causal_window(getkey, monkeypatch):
+    """cuDNN applies a sliding window only with the causal mask: a non-causal (64, 0) window,
+    which is causal, reaches it as one (it gave wrong outputs otherwise)."""
+    seen = {}
+    real = jax.nn.dot_product_attention
+
+    def stand_in(*args, implementation=None, **kwargs):
+        seen.update(kwargs)
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(getkey, q_seq=S, size=64, vo_size=64))
+    out = ea.dot_product_attention(q, k, v, local_window_size=(6, 0), implementation="cudnn")
+    assert seen["is_causal"] and seen["local_window_size"] == (6, 0)
+    want = ea.dot_product_attention(q, k, v, local_window_size=(6, 0), implementation="xla")
+    _close(out.astype(jnp.float32), want.astype(jnp.float32), tol=2e-2)

@@ -54,17 +54,21 @@ def cudnn_attention(query, key, value, bias, mask, spec: AttentionSpec):
     def lengths(length):
         return None if length is None else jnp.reshape(length, (1,))
 
+    # cuDNN applies a sliding window only together with the causal mask. A window reaching no
+    # further right than the query (or one cut there by is_causal) is a causal window: pass
+    # it as one. (`cudnn_unsupported` refuses the others.)
+    causal, window = spec.is_causal, spec.window
+    if window is not None and (causal or window[1] == 0):
+        causal, window = True, (window[0], 0)
     out, lse = jax.nn.dot_product_attention(
         query[None], key[None], value[None],
         bias=batched(None if bias is None else bias.astype(query.dtype)),
         mask=batched(mask),
         scale=spec.scale,
-        # A window reaching no further right than the query is a causal window: cuDNN applies
-        # windows only with the causal mask, so pass it as one.
-        is_causal=spec.is_causal or spec.window is not None,
+        is_causal=causal,
         query_seq_lengths=lengths(spec.q_length),
         key_value_seq_lengths=lengths(spec.kv_length),
-        local_window_size=None if spec.window is None else (spec.window[0], 0),
+        local_window_size=window,
         implementation="cudnn",
         return_residual=True,
     )  # fmt: skip
