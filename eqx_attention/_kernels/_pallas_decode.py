@@ -56,8 +56,8 @@ NUM_SMS = 132
 # A split walks at least this many blocks, so that a short range is not cut into runs whose
 # merge costs more than their reads.
 MIN_BLOCKS_PER_SPLIT = 4
-NUM_WARPS = 4
-NUM_STAGES = 2
+# Programs compile with the training kernel's warps and stages (`_pallas._call`): 4 and 2,
+# as JAX's Pallas decode kernel does.
 
 
 def num_splits(num_blocks: int, programs: int) -> int:
@@ -76,8 +76,8 @@ def num_splits(num_blocks: int, programs: int) -> int:
 def pallas_decode_attention(q, k, v, spec: AttentionSpec, bias, block_k: int | None = None):
     """`(out, lse)` of at most a few queries `q [K, G, T, D]` over `k [K, S, D]` and
     `v [K, S, Dv]`, as `decode_attention` returns them (the log-sum-exp carries no
-    gradient). `block_k` defaults to `BLOCK_K`, and is made a power of two of at least 16
-    and at most the buffer (where it holds 16 slots)."""
+    gradient). `block_k` defaults to `BLOCK_K`; it is made a power of two of at least 16,
+    and no longer than the buffer unless that is shorter than 16."""
     S = spec.kv_seq
     block_k = BLOCK_K if block_k is None else block_k
     block_k = max(16, min(pl.next_power_of_2(block_k), _floor_power_of_2(S)))
@@ -126,11 +126,9 @@ class _Rows:
 
     def unpack(self, x):
         """`[K, chunks, splits, rows, ...]` -> `[splits, K, G, T, ...]`."""
-        rest = x.shape[4:]
-        x = x[:, :, :, : self.used].reshape(
-            self.K, self.chunks, x.shape[2], self.heads, self.T, *rest
-        )
-        return jnp.moveaxis(x, 2, 0).reshape(x.shape[2], self.K, self.G, self.T, *rest)
+        splits, rest = x.shape[2], x.shape[4:]
+        x = x[:, :, :, : self.used].reshape(self.K, self.chunks, splits, self.heads, self.T, *rest)
+        return jnp.moveaxis(x, 2, 0).reshape(splits, self.K, self.G, self.T, *rest)
 
     def indices(self, kh, c):
         """Each row's query index and query head (padding rows repeat the chunk's last real
