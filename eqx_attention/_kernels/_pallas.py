@@ -463,6 +463,40 @@ def _split_refs(refs, has, num_spec):
     return optional, refs[:num_spec], refs[num_spec:]
 
 
+def init_rows(rows: int, vo_size: int):
+    """A tile's fresh online-softmax state: running max, normaliser, unnormalised output."""
+    return (
+        jnp.full((rows,), MASKED, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows, vo_size), jnp.float32),
+    )
+
+
+def fold_block(carry, s, v_blk, keep=None, dropout_p=None):
+    """Fold a key block's `[rows, block_k]` scores (hidden ones `MASKED`) and its values into
+    a tile's online softmax; `keep` is dropout's keep-mask where `dropout_p` is set."""
+    m, denom, acc = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(m_new > MASKED, m_new, 0.0)
+    correction = jnp.exp(m - m_safe)
+    p = jnp.exp(s - m_safe[:, None])
+    denom = denom * correction + jnp.sum(p, axis=-1)
+    if dropout_p is not None:
+        p = jnp.where(keep, p / (1 - dropout_p), 0.0)
+    acc = acc * correction[:, None] + _dot(p.astype(v_blk.dtype), v_blk)
+    return m_new, denom, acc
+
+
+def write_rows(out_ref, lse_ref, carry):
+    """Store a tile's normalised output and log-sum-exp; rows that saw no key get zeros
+    and `MASKED`."""
+    m, denom, acc = carry
+    seen = denom > 0
+    safe = jnp.where(seen, denom, 1.0)
+    out_ref[...] = (acc / safe[:, None]).astype(out_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(safe), MASKED)
+
+
 def _forward_kernel(
     q_ref, k_ref, v_ref, count_ref, index_ref, *refs, lay, rebuild, has, padded, num_spec
 ):
@@ -475,7 +509,6 @@ def _forward_kernel(
     q = q_ref[...]
 
     def step(block, needs_mask, carry):
-        m, denom, acc = carry
         start = block * lay.block_k
         kv_idx = start + jnp.arange(lay.block_k, dtype=jnp.int32)
         k_blk = k_ref[pl.ds(start, lay.block_k), :]
@@ -487,22 +520,10 @@ def _forward_kernel(
             visible = tile.visible(kv_idx, mask, padded)
             if visible is not None:
                 s = jnp.where(visible, s, MASKED)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_safe = jnp.where(m_new > MASKED, m_new, 0.0)
-        correction = jnp.exp(m - m_safe)
-        p = jnp.exp(s - m_safe[:, None])
-        denom = denom * correction + jnp.sum(p, axis=-1)
-        if spec.dropout_p is not None:
-            p = jnp.where(tile.keep(kv_idx), p / (1 - spec.dropout_p), 0.0)
-        acc = acc * correction[:, None] + _dot(p.astype(v_blk.dtype), v_blk)
-        return m_new, denom, acc
+        keep = None if spec.dropout_p is None else tile.keep(kv_idx)
+        return fold_block(carry, s, v_blk, keep, spec.dropout_p)
 
-    carry = (
-        jnp.full((lay.rows,), MASKED, jnp.float32),
-        jnp.zeros((lay.rows,), jnp.float32),
-        jnp.zeros((lay.rows, v_ref.shape[-1]), jnp.float32),
-    )
-    m, denom, acc = _walk(count_ref, index_ref, i, step, carry)
+    m, denom, acc = _walk(count_ref, index_ref, i, step, init_rows(lay.rows, v_ref.shape[-1]))
     if sinks_ref is not None:
         # The sink: one more key with a zero value, folded in last.
         sink = sinks_ref[kh, tile.group]
@@ -511,10 +532,7 @@ def _forward_kernel(
         correction = jnp.exp(m - m_safe)
         denom = denom * correction + jnp.exp(sink - m_safe)
         m, acc = m_new, acc * correction[:, None]
-    seen = denom > 0
-    safe = jnp.where(seen, denom, 1.0)
-    out_ref[...] = (acc / safe[:, None]).astype(out_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe), MASKED)
+    write_rows(out_ref, lse_ref, (m, denom, acc))
 
 
 def _block_grads(tile: _Tile, spec, rebuild, spec_refs, param_at, q, k_blk, v_blk, d_out, lse,

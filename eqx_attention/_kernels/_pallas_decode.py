@@ -254,7 +254,6 @@ def _kernel(
     last = jnp.minimum(first + per, hi)
 
     def step(b, carry):
-        m, denom, acc = carry
         # The last block is shifted back to end at the last slot (no padding, which would
         # copy the cache); the keys it shares with the block before are hidden.
         start = jnp.minimum(b * block_k, Sp - block_k)
@@ -274,26 +273,11 @@ def _kernel(
         fresh = fresh[None, :]
         visible = fresh if visible is None else visible[0, 0] & fresh
         s = jnp.where(visible, s[0, 0], MASKED)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_safe = jnp.where(m_new > MASKED, m_new, 0.0)
-        correction = jnp.exp(m - m_safe)
-        p = jnp.exp(s - m_safe[:, None])
-        denom = denom * correction + jnp.sum(p, axis=-1)
-        if spec.dropout_p is not None:
-            p = jnp.where(spec.keep(q_idx, kv_idx, heads)[0, 0], p / (1 - spec.dropout_p), 0.0)
-        acc = acc * correction[:, None] + _pallas._dot(p.astype(v_blk.dtype), v_blk)
-        return m_new, denom, acc
+        keep = None if spec.dropout_p is None else spec.keep(q_idx, kv_idx, heads)[0, 0]
+        return _pallas.fold_block(carry, s, v_blk, keep, spec.dropout_p)
 
-    carry = (
-        jnp.full((lay.rows,), MASKED, jnp.float32),
-        jnp.zeros((lay.rows,), jnp.float32),
-        jnp.zeros((lay.rows, v_ref.shape[-1]), jnp.float32),
-    )
-    m, denom, acc = jax.lax.fori_loop(first, last, step, carry)
-    seen = denom > 0
-    safe = jnp.where(seen, denom, 1.0)
-    out_ref[...] = acc / safe[:, None]
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe), MASKED)
+    carry = _pallas.init_rows(lay.rows, v_ref.shape[-1])
+    _pallas.write_rows(out_ref, lse_ref, jax.lax.fori_loop(first, last, step, carry))
 
 
 @dataclasses.dataclass(frozen=True)
