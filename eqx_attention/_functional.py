@@ -332,6 +332,7 @@ def _prepare(
     query,
     key,
     value,
+    shards: int = 1,
     *,
     bias=None,
     mask=None,
@@ -351,7 +352,11 @@ def _prepare(
     dropout_p=0.0,
     dropout_key=None,
 ):
-    """Validate the arguments; build the spec and the kernels' `[K, G, T, D]` layout."""
+    """Validate the arguments; build the spec and the kernels' `[K, G, T, D]` layout.
+
+    `shards`: the number of devices the sequences are split over (ring attention), whose
+    lengths count positions in the whole sequences, not in this device's shard.
+    """
     query, key, value, bias, mask = _as_arrays(query, key, value, bias, mask)
     query_segment_ids, kv_segment_ids, key_positions, sinks = _as_arrays(
         query_segment_ids, kv_segment_ids, key_positions, sinks
@@ -398,8 +403,10 @@ def _prepare(
             score_mod, "score_mod", axes, jnp.float32(0), position, position, position
         ),
         mask=None if mask is None else _split_heads(mask, num_kv_heads, group),
-        q_length=_seq_length(query_seq_length, "query_seq_length", "q_seq", q_seq),
-        kv_length=_seq_length(key_value_seq_length, "key_value_seq_length", "kv_seq", kv_seq),
+        q_length=_seq_length(query_seq_length, "query_seq_length", "q_seq", shards * q_seq),
+        kv_length=_seq_length(
+            key_value_seq_length, "key_value_seq_length", "kv_seq", shards * kv_seq
+        ),
         q_segment_ids=query_segment_ids,
         kv_segment_ids=kv_segment_ids,
         dropout_seed=None if dropout_rate is None else _seed(dropout_key),

@@ -135,6 +135,8 @@ class RotaryPositionalEmbedding(eqx.Module):
     interleaved: bool = eqx.field(static=True)
     rotary_size: int = eqx.field(static=True)
     scaling: RopeScaling | None = eqx.field(static=True)
+    # No `dtype` given: the rotation follows the input's dtype, also under strict promotion.
+    follows_input: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -151,7 +153,11 @@ class RotaryPositionalEmbedding(eqx.Module):
         - `embedding_size`: size of each vector rotated (per head: the head size).
         - `theta`: base of the geometric sequence of wavelengths; larger is slower.
         - `dtype`: dtype of the sine/cosine tables; defaults to float32 (float64 in 64-bit
-          mode), as in Equinox.
+          mode), as in Equinox. Without it the layer follows its input's dtype: it computes
+          in the dtype the input and the tables promote to and casts back, explicitly, so a
+          bfloat16 input also works under `jax.numpy_dtype_promotion("strict")`. With it,
+          as in Equinox, a table of another dtype than the input is a promotion the caller
+          must allow (strict promotion refuses it).
         - `interleaved`: pair channels `(2i, 2i + 1)` instead of `(i, i + rotary_size // 2)`.
         - `rotary_size`: number of leading channels to rotate; defaults to all of them. Must
           be even.
@@ -173,6 +179,7 @@ class RotaryPositionalEmbedding(eqx.Module):
         self.embedding_size = embedding_size
         self.theta = float(theta)
         self.dtype = _default_float() if dtype is None else jnp.dtype(dtype)
+        self.follows_input = dtype is None
         self.interleaved = interleaved
         self.rotary_size = rotary_size
         self.scaling = scaling
@@ -194,10 +201,8 @@ class RotaryPositionalEmbedding(eqx.Module):
 
         **Returns:**
 
-        Array of the shape and dtype of `x`, the first `rotary_size` channels rotated. The
-        rotation is computed in the dtype `x` and the tables (`dtype`) promote to, cast
-        explicitly, so a bfloat16 `x` also works under
-        `jax.numpy_dtype_promotion("strict")`.
+        Array of the shape and dtype of `x`, the first `rotary_size` channels rotated, computed
+        in the dtype `x` and the tables promote to (see `dtype`).
         """
         x = jnp.asarray(x)
         seq, size = x.shape
@@ -212,11 +217,14 @@ class RotaryPositionalEmbedding(eqx.Module):
             _inverse_frequencies(self.rotary_size, self.theta, self.scaling, _default_float())
         )
         angles = positions.astype(inv_freq.dtype)[:, None] * inv_freq[None, :]
-        compute = _promoted(x, self.dtype)
-        # Rounded to the tables' dtype first, as they are stored, then computed with `x`.
-        cos = jnp.cos(angles).astype(self.dtype).astype(compute)
-        sin = jnp.sin(angles).astype(self.dtype).astype(compute)
-        rot, rest = x[:, : self.rotary_size].astype(compute), x[:, self.rotary_size :]
+        # Rounded to the tables' dtype first, as they are stored, then computed with `x`:
+        # in the dtype both promote to, cast explicitly when the layer follows its input,
+        # else by the caller's promotion rules (as Equinox).
+        cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
+        rot, rest = x[:, : self.rotary_size], x[:, self.rotary_size :]
+        if self.follows_input:
+            compute = _promoted(x, self.dtype)
+            cos, sin, rot = cos.astype(compute), sin.astype(compute), rot.astype(compute)
         if self.interleaved:
             # Channels (2i, 2i+1) rotate together: the partner of an even channel is the
             # next one, negated; of an odd channel the previous one.

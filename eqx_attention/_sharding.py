@@ -158,7 +158,7 @@ def ring_attention(
     block_q, block_k = (BLOCK_Q, BLOCK_K) if block_sizes is None else block_sizes
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block_sizes must be positive, got block_sizes={(block_q, block_k)}")
-    spec, q, k, v, _ = _prepare(query, key, value, **spec_arguments(locals()))
+    spec, q, k, v, _ = _prepare(query, key, value, num_devices, **spec_arguments(locals()))
     # The spec describes the whole sequence; segment ids are only ever held in slices, so
     # they are compared block by block here and passed to the spec as a block mask instead.
     spec = replace(

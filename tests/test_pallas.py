@@ -282,6 +282,9 @@ def test_automatic_rule_on_a_gpu_takes_cudnn_then_pallas(monkeypatch):
     table = jnp.zeros((512,))
     # A learned table too large to differentiate in the kernel: the blockwise kernel.
     assert choice(score_mod=lambda s, h, q, k: s + table[q - k]) == "chunked"
+    # The decode kernel differentiates through the reference: any table size will do.
+    q = q[:4]
+    assert choice(score_mod=lambda s, h, q, k: s + table[q - k]) == "pallas"
 
 
 def test_automatic_rule_off_a_gpu_never_takes_pallas(getkey):

@@ -90,9 +90,10 @@ def choose_implementation(
         return implementation
     if why_not_cudnn is None:
         return "cudnn"
-    if pallas_unsupported(spec) is None:
+    decoding = spec.q_seq <= DECODE_MAX_Q
+    if pallas_unsupported(spec, decoding) is None:
         return "pallas"
-    decoding = spec.q_seq <= DECODE_MAX_Q and spec.kv_seq >= DECODE_MIN_KV
-    if spec.q_seq * spec.kv_seq <= XLA_MAX_LOGITS and not decoding:
+    long_decoding = decoding and spec.kv_seq >= DECODE_MIN_KV
+    if spec.q_seq * spec.kv_seq <= XLA_MAX_LOGITS and not long_decoding:
         return "xla"
     return "chunked"

@@ -53,15 +53,18 @@ NUM_STAGES = 2
 MAX_TABLE = 64
 
 
-def pallas_unsupported(spec: AttentionSpec) -> str | None:
-    """Why the automatic rule should not pick the Pallas kernel, or `None` when it should."""
+def pallas_unsupported(spec: AttentionSpec, decoding: bool = False) -> str | None:
+    """Why the automatic rule should not pick the Pallas kernels, or `None` when it should.
+
+    `decoding`: the call runs the decode kernel, whose backward pass goes through the
+    reference, so it differentiates captured arrays of any size."""
     if jax.default_backend() != "gpu":
         return (
             f"the Pallas kernel is compiled for GPUs only, this is {jax.default_backend()!r} "
             "(implementation='pallas' runs it in interpret mode, for testing)"
         )
     params, _ = score_mod_params(spec)
-    if not _tables_in_kernel(jax.tree.leaves(params)):
+    if not decoding and not _tables_in_kernel(jax.tree.leaves(params)):
         sizes = [x.size for x in jax.tree.leaves(params)]
         return (
             f"score_mod captures floating-point arrays of {sizes} elements, which the kernel "
