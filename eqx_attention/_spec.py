@@ -224,6 +224,8 @@ def check_mod_positions(spec: "AttentionSpec", axes: tuple = ()) -> "AttentionSp
                 filled = jnp.arange(spec.kv_seq) < slots
                 last_k = jnp.max(jnp.where(filled, spec.key_positions, -1), initial=-1)
             need = jnp.maximum(last_q, last_k) + 1
+            # Compared here too: inside `jit`, a comparison outside would be traced.
+            too_far = need > n
 
         def message(name=name, n=n, last_q=last_q, last_k=last_k, need=need):
             with jax.ensure_compile_time_eval():
@@ -239,9 +241,9 @@ def check_mod_positions(spec: "AttentionSpec", axes: tuple = ()) -> "AttentionSp
             f"{name} is defined on {n} positions (the length of its arrays), but this call's "
             "query or key positions run past them (checked at run time, as they are traced)"
         )
-        if axes and known(need > n) is None:
+        if axes and known(too_far) is None:
             continue
-        spec = check(spec, need > n, message, traced)
+        spec = check(spec, too_far, message, traced)
     return spec
 
 
