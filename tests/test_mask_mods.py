@@ -127,3 +127,20 @@ def test_document_mask_mod_positions_under_jit():
     jax.block_until_ready(step(10))
     with pytest.raises(Exception, match="12 positions"):
         jax.block_until_ready(step(11))
+
+
+def test_document_mask_mod_positions_known_under_jit_add_no_run_time_check():
+    """Inside `jit`, positions known when tracing (static shapes, no offset) are checked then:
+    no run-time check is left in the program (a host callback, which a GPU kernel's lowering
+    and every step would pay for)."""
+    ids = jnp.asarray(IDS)
+    q, kv = jnp.zeros((SEQ, 1, 4)), jnp.zeros((SEQ, 1, 4))
+
+    def attend(q):
+        return ea.dot_product_attention(q, kv, kv, mask_mod=ea.document_mask_mod(ids))
+
+    assert "callback" not in str(jax.make_jaxpr(jax.jit(attend))(q))
+    with pytest.raises(ValueError, match="positions"):
+        jax.jit(lambda q: ea.dot_product_attention(
+            q, kv, kv, mask_mod=ea.document_mask_mod(ids[:5])
+        ))(q)  # fmt: skip
