@@ -249,10 +249,11 @@ def make_block_plan(
       `query_segment_ids`, `kv_segment_ids`, `query_offset`, `key_positions`, `mask_mod`: as
       in `dot_product_attention`.
     - `block_size`: the plan's `(block_q, block_k)` (or one size for both): the tiles of the
-      kernel that walks it, which takes them from the plan. By default those of the kernel
-      the automatic rule runs here: 512 x 512 for the blockwise kernel on a CPU, 64 x 64 for
-      the Pallas kernel on a GPU (whose blocks must be powers of two of at least 16). Blocks
-      longer than a sequence are cut to its length.
+      kernel that walks it, which takes them from the plan (the sequences are padded to
+      whole blocks). The Pallas kernel takes powers of two from 16 to 128. By default, the
+      tiles of the kernel the automatic rule runs here: 64 x 64 for the Pallas kernel on a
+      GPU; 512 x 512 for the blockwise kernel on a CPU, cut to the sequences where they are
+      shorter.
 
     **Checked on use.** The plan records the masking it was built from, and every call given
     it compares that with its own, whichever implementation runs (also where the plan goes

@@ -213,9 +213,18 @@ def test_block_plan_block_sizes_are_the_kernels_tiles(getkey):
     got = ea.dot_product_attention(q, k, v, block_plan=plan, implementation="pallas", **masking)
     want = ea.dot_product_attention(q, k, v, implementation="xla", **masking)
     _close(got, want)
-    odd = ea.make_block_plan(S, S, block_size=(48, 32), **masking)
-    with pytest.raises(ValueError, match="powers of two"):
-        ea.dot_product_attention(q, k, v, block_plan=odd, implementation="pallas", **masking)
+    # Blocks longer than the sequence are kept: the sequence is padded to one block.
+    long = ea.make_block_plan(S, S, block_size=128, **masking)
+    assert long.grid == (S, S, 128, 128)
+    for implementation in ("pallas", "chunked"):
+        got = ea.dot_product_attention(
+            q, k, v, block_plan=long, implementation=implementation, **masking
+        )
+        _close(got, want)
+    for size in ((48, 32), (512, 64)):
+        odd = ea.make_block_plan(S, S, block_size=size, **masking)
+        with pytest.raises(ValueError, match="powers of two from 16 to 128"):
+            ea.dot_product_attention(q, k, v, block_plan=odd, implementation="pallas", **masking)
 
 
 @pytest.fixture

@@ -66,10 +66,12 @@ def blockwise_attention(
 def block_plan(spec: AttentionSpec, block_size: tuple[int, int] | None = None) -> BlockPlan:
     """The plan for `spec` on `block_size` blocks, by default the tiles of the kernel the
     automatic rule runs on this platform (the Pallas kernel's on a GPU)."""
-    if block_size is None:
-        on_gpu = jax.default_backend() == "gpu"
-        block_size = default_blocks(spec.q_seq, spec.kv_seq) if on_gpu else (BLOCK_Q, BLOCK_K)
-    return _block_plan(spec, block_size * 2)
+    if block_size is not None:
+        return _block_plan(spec, block_size * 2, fit=False)
+    if jax.default_backend() == "gpu":
+        return _block_plan(spec, default_blocks(spec.q_seq, spec.kv_seq) * 2, fit=False)
+    # The blockwise kernel's tiles, cut to the sequences where they are shorter.
+    return _block_plan(spec, (BLOCK_Q, BLOCK_K) * 2)
 
 
 def choose_implementation(

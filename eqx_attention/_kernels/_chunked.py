@@ -52,11 +52,13 @@ def chunked_attention(
     no gradient (as in jax.nn).
     """
     T, S = spec.q_seq, spec.kv_seq
-    if plan is not None:
+    if plan is None:
+        blocks = _fit(T, S, *blocks)
+    else:
         # A plan carries its block sizes: the kernel walks its grid.
         check_plan(plan, (T, S) + plan.grid[2:])
         blocks = plan.grid[2:] * 2
-    block_q, block_k, fine_q, fine_k = blocks = _fit(T, S, *blocks)
+    block_q, block_k, fine_q, fine_k = blocks
     q, k, v, spec, bias = pad_to_blocks(q, k, v, spec, bias, block_q, block_k)
     # Data-dependent masks decide per example which blocks to visit; structure alone decides
     # from loop indices, with finer steps along a window's edges.
@@ -78,10 +80,14 @@ def pad_to_blocks(q, k, v, spec: AttentionSpec, bias, block_q: int, block_k: int
     return q, k, v, spec, bias
 
 
-def block_plan(spec: AttentionSpec, blocks: tuple[int, int, int, int]) -> BlockPlan:
-    """The plan `chunked_attention` would build for `spec` with these block sizes."""
+def block_plan(
+    spec: AttentionSpec, blocks: tuple[int, int, int, int], fit: bool = True
+) -> BlockPlan:
+    """The plan `chunked_attention` would build for `spec` with these block sizes; with
+    `fit=False`, on blocks of exactly these sizes, even where they are longer than the
+    sequences (which are then padded to one block)."""
     T, S = spec.q_seq, spec.kv_seq
-    block_q, block_k, _, _ = _fit(T, S, *blocks)
+    block_q, block_k, _, _ = _fit(T, S, *blocks) if fit else blocks
     pad_q, pad_k = -T % block_q, -S % block_k
     return make_plan(_pad_mask(spec, pad_q, pad_k), block_q, block_k)
 

@@ -43,6 +43,9 @@ from ._plan import BlockPlan, check_plan, make_plan
 BLOCK_Q = 64
 BLOCK_K = 64
 MAX_ROWS = 128
+# The block sizes of a plan the kernel takes: Triton's tiles are powers of two, and a tile's
+# rows hold at least one head's block of queries.
+MIN_BLOCK, MAX_BLOCK = 16, MAX_ROWS
 NUM_WARPS = 4
 NUM_STAGES = 2
 # score_mod's captured float arrays are differentiated inside the kernel through lookups that
@@ -84,7 +87,7 @@ def default_blocks(q_seq: int, kv_seq: int) -> tuple[int, int]:
 
 
 def _fit_block(block: int, length: int) -> int:
-    return max(16, min(block, pl.next_power_of_2(length)))
+    return max(MIN_BLOCK, min(block, pl.next_power_of_2(length)))
 
 
 def _heads_per_tile(group: int, block_q: int) -> int:
@@ -104,10 +107,11 @@ def pallas_attention(q, k, v, spec: AttentionSpec, bias, plan: BlockPlan | None 
         block_q, block_k = plan.grid[2:]
         check_plan(plan, (T, S, block_q, block_k))
         for name, size in (("block_q", block_q), ("block_k", block_k)):
-            if size < 16 or size & (size - 1):
+            if not MIN_BLOCK <= size <= MAX_BLOCK or size & (size - 1):
                 raise ValueError(
                     f"implementation='pallas' needs a block plan whose blocks are powers of two "
-                    f"of at least 16, got {name}={size}"
+                    f"from {MIN_BLOCK} to {MAX_BLOCK}, got {name}={size}: build it with "
+                    "make_block_plan(..., block_size=(64, 64))"
                 )
     q, k, v, spec, bias = pad_to_blocks(q, k, v, spec, bias, block_q, block_k)
     if plan is None:
