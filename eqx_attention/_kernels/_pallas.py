@@ -233,6 +233,17 @@ class _Tile:
         s = pl.ds(kv_start, lay.block_k) if ref.shape[3] > 1 else pl.ds(0, 1)
         return ref[kh, g, t, s]
 
+    def key_block(self, k_ref, v_ref, bias_ref, block):
+        """Key block `block` of this tile's walk: `(start, kv_idx, keys, values, bias)`, the
+        bias block `None` without a bias."""
+        lay = self.layout
+        start = block * lay.block_k
+        kv_idx = start + jnp.arange(lay.block_k, dtype=jnp.int32)
+        k_blk = k_ref[pl.ds(start, lay.block_k), :]
+        v_blk = v_ref[pl.ds(start, lay.block_k), :]
+        bias = None if bias_ref is None else self.dense(bias_ref, start)
+        return start, kv_idx, k_blk, v_blk, bias
+
     def as_rows(self, block):
         """A dense block as `[1, 1, rows|1, block_k|1]`, broadcastable against the tile."""
         lay = self.layout
@@ -516,11 +527,7 @@ def _forward_kernel(
     q = q_ref[...]
 
     def step(block, needs_mask, carry):
-        start = block * lay.block_k
-        kv_idx = start + jnp.arange(lay.block_k, dtype=jnp.int32)
-        k_blk = k_ref[pl.ds(start, lay.block_k), :]
-        v_blk = v_ref[pl.ds(start, lay.block_k), :]
-        bias = None if bias_ref is None else tile.dense(bias_ref, start)
+        start, kv_idx, k_blk, v_blk, bias = tile.key_block(k_ref, v_ref, bias_ref, block)
         s = tile.scores(_dot(q, k_blk, trans_b=True), kv_idx, bias)
         if needs_mask:
             mask = None if mask_ref is None else tile.dense(mask_ref, start)
@@ -652,11 +659,7 @@ def _dq_kernel(
     q, d_out, lse, delta = (r[...] for r in (q_ref, d_out_ref, lse_ref, delta_ref))
 
     def step(block, needs_mask, dq):
-        start = block * lay.block_k
-        kv_idx = start + jnp.arange(lay.block_k, dtype=jnp.int32)
-        k_blk = k_ref[pl.ds(start, lay.block_k), :]
-        v_blk = v_ref[pl.ds(start, lay.block_k), :]
-        bias = None if bias_ref is None else tile.dense(bias_ref, start)
+        start, kv_idx, k_blk, v_blk, bias = tile.key_block(k_ref, v_ref, bias_ref, block)
         mask = None if mask_ref is None or not needs_mask else tile.dense(mask_ref, start)
         ds, *_ = _block_grads(
             tile, spec, rebuild, spec_refs, (), q, k_blk, v_blk, d_out, lse, delta, kv_idx,
