@@ -175,8 +175,11 @@ class _Layout:
 
 
 def _pad_size(x, axis: int):
-    """Pad a head axis with zeros to a power of two of at least 16 (Triton's tile sizes)."""
+    """Pad a head axis with zeros to a power of two of at least 16 (Triton's tile sizes);
+    one that is already such a size is read where it lies, never copied."""
     size = x.shape[axis]
+    if size >= 16 and size & (size - 1) == 0:
+        return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, max(16, pl.next_power_of_2(size)) - size)
     return jnp.pad(x, widths)

@@ -152,20 +152,13 @@ def _pack_dense(arr, lay: _Rows, pad_to: int):
     return arr
 
 
-def _pad_head(x, size_axis: int = 2):
-    """Pad a head axis as the training kernel does, only where it is needed (a power of two
-    of at least 16 is read where it lies)."""
-    size = x.shape[size_axis]
-    return x if size >= 16 and size & (size - 1) == 0 else _pallas._pad_size(x, size_axis)
-
-
 def _forward(q, k, v, bias, spec: AttentionSpec, block_k: int):
     K, G, T, _ = q.shape
     S, vo_size = spec.kv_seq, v.shape[-1]
     lay = _Rows.fit(K, G, T)
     # Only a buffer shorter than one block (under 16 slots) is padded to one.
     Sp = max(S, block_k)
-    qp, kp, vp = _pad_head(q, 3), _pad_head(k), _pad_head(v)
+    qp, kp, vp = _pallas._pad_size(q, 3), _pallas._pad_size(k, 2), _pallas._pad_size(v, 2)
     if Sp > S:
         kp, vp = (jnp.pad(a, [(0, 0), (0, Sp - S), (0, 0)]) for a in (kp, vp))
     splits = num_splits(-(-Sp // block_k), K * lay.chunks)
