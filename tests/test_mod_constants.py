@@ -11,20 +11,12 @@ import numpy as np
 import pytest
 
 import eqx_attention as ea
-from eqx_attention import _kernels as kernels
 from eqx_attention._kernels import _chunked, _decode
 
-SMALL_BLOCKS = {"BLOCK_Q": 4, "BLOCK_K": 8, "FINE_Q": 2, "FINE_K": 4, "DECODE_BLOCK_K": 8}
 TOL = {"rtol": 2e-5, "atol": 2e-5}
 HEADS, SEQ = 4, 24
 # The blockwise kernel, and its decoding loop (few queries, no plan).
 KERNELS = {"chunked": ("chunked", SEQ), "decode": ("chunked", 5)}
-
-
-@pytest.fixture
-def small_blocks(monkeypatch):
-    for name, size in SMALL_BLOCKS.items():
-        monkeypatch.setattr(kernels, name, size)
 
 
 def _normal(rng, *shape):

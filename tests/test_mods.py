@@ -7,17 +7,9 @@ import numpy as np
 import pytest
 
 import eqx_attention as ea
-from eqx_attention import _kernels as kernels
 
-SMALL_BLOCKS = {"BLOCK_Q": 4, "BLOCK_K": 8, "FINE_Q": 2, "FINE_K": 4}
 TOL = {"rtol": 2e-5, "atol": 2e-5}
 HEADS, MAX_DISTANCE = 4, 6
-
-
-@pytest.fixture
-def small_blocks(monkeypatch):
-    for name, size in SMALL_BLOCKS.items():
-        monkeypatch.setattr(kernels, name, size)
 
 
 def _normal(rng, *shape):
