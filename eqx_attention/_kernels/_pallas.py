@@ -200,15 +200,15 @@ def interpret() -> bool:
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, name, head_size: int = 128, **kwargs):
-    interpret = globals()["interpret"]()
+    interpreted = interpret()
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=None if interpret else _compiler_params(head_size),
+        interpret=interpreted,
+        compiler_params=None if interpreted else _compiler_params(head_size),
         name=name,
         **kwargs,
     )
